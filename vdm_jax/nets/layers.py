@@ -1,0 +1,198 @@
+"""Building blocks shared by the score networks.
+
+Embeddings of the noise level and of the input, the ResNet and attention
+blocks of the VDM ScoreUNet (google-research/vdm, Kingma et al. 2021), and
+the conditioning MLP. All modules keep float32 parameters and compute in
+`dtype` (float32, bfloat16 or float16); normalisation statistics are always
+float32 (flax promotes them).
+"""
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Channel groups of every GroupNorm in the reference ScoreUNet (flax default).
+NUM_GROUPS = 32
+
+
+def timestep_embedding(tau, dim):
+  r"""Sinusoidal embedding of a normalised noise level (Vaswani et al. 2017).
+
+  With u = 1000 tau and h = dim / 2 frequencies
+  omega_k = exp(-k log(10000) / (h - 1)), k = 0..h-1:
+    emb = [sin(u omega_0), ..., sin(u omega_{h-1}), cos(u omega_0), ...]
+  (zero-padded by one column when dim is odd).
+
+  Args:
+    tau: normalised noise level, [B] (about [0, 1]).
+    dim: embedding width, at least 4.
+
+  Returns:
+    float32 [B, dim].
+  """
+  if tau.ndim != 1:
+    raise ValueError(f"timestep_embedding expects tau of rank 1 [B], given shape {tau.shape}")
+  if dim < 4:
+    raise ValueError(f"timestep_embedding expects dim >= 4, given {dim}")
+  u = tau.astype(jnp.float32) * 1000
+  half = dim // 2
+  scale = math.log(10_000) / (half - 1)
+  omega = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -scale)
+  arg = u[:, None] * omega[None, :]
+  emb = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def fourier_features(z, *, start=6, stop=8):
+  r"""Base-2 Fourier features of the latent (VDM paper, appendix B).
+
+  For n in [start, stop), w_n = 2 pi 2^n; each channel c gives the features
+  sin(w_n z_c) and cos(w_n z_c), laid out as
+  [sin(z_0 w_start), sin(z_0 w_start+1), ..., sin(z_1 w_start), ..., cos(...)].
+
+  Args:
+    z: latent, [B, H, W, C].
+    start: first exponent n.
+    stop: one past the last exponent n.
+
+  Returns:
+    [B, H, W, 2 * C * (stop - start)], dtype of z.
+  """
+  num = stop - start
+  w = 2.0 ** jnp.arange(start, stop, dtype=z.dtype) * 2 * jnp.pi
+  w = jnp.tile(w[None, :], (1, z.shape[-1]))
+  h = jnp.repeat(z, num, axis=-1) * w
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+def normalise_gamma(g_t, batch, gamma_min, gamma_max):
+  r"""Maps gamma_t to tau = (gamma_t - gamma_min) / (gamma_max - gamma_min), shape [B].
+
+  Args:
+    g_t: gamma_t, scalar, [] or [B].
+    batch: B.
+    gamma_min, gamma_max: the configured range (not the learned endpoints).
+
+  Returns:
+    float32 [B].
+  """
+  g_t = jnp.asarray(g_t, jnp.float32)
+  if g_t.ndim > 1 or (g_t.ndim == 1 and g_t.shape[0] != batch):
+    raise ValueError(f"g_t must be a scalar or have shape ({batch},), given shape {g_t.shape}")
+  tau = (g_t - gamma_min) / (gamma_max - gamma_min)
+  return jnp.broadcast_to(tau, (batch,))
+
+
+def conditioning_vector(g_t, conditioning, labels, *, batch, n_embd, gamma_min, gamma_max,
+                        num_classes=0, dtype=jnp.float32):
+  r"""Conditioning vector from gamma_t, a conditioning scalar and optional labels.
+
+  Call inside a compact `__call__`: it creates the parent's submodules
+  `dense0`, `dense1` (and `label_emb`), keeping the reference layout.
+    cond = swish(dense1(swish(dense0([temb(tau), c])) + label_emb(y)))
+  with temb the sinusoidal embedding (width n_embd) of
+  tau = (gamma_t - gamma_min) / (gamma_max - gamma_min) and c the reference's
+  conditioning scalar (zeros when None). label_emb has num_classes + 1 rows,
+  the last one the null label of classifier-free guidance; labels=None means
+  the null label.
+
+  Args:
+    g_t: gamma_t, scalar or [B].
+    conditioning: float [B] or None.
+    labels: int [B] in [0, num_classes] or None.
+    batch: B.
+    n_embd: embedding width; dense0/dense1 have 4 * n_embd features.
+    gamma_min, gamma_max: configured gamma range used to normalise gamma_t.
+    num_classes: 0 for an unconditional network.
+    dtype: compute dtype.
+
+  Returns:
+    [B, 4 * n_embd] in dtype.
+  """
+  tau = normalise_gamma(g_t, batch, gamma_min, gamma_max)
+  temb = timestep_embedding(tau, n_embd)
+  if conditioning is None:
+    conditioning = jnp.zeros((batch,), jnp.float32)
+  h = jnp.concatenate([temb, jnp.asarray(conditioning, jnp.float32).reshape(batch, 1)], axis=1)
+  h = nn.swish(nn.Dense(4 * n_embd, dtype=dtype, name="dense0")(h))
+  if num_classes > 0:
+    if labels is None:
+      labels = jnp.full((batch,), num_classes, jnp.int32)
+    emb = nn.Embed(num_classes + 1, 4 * n_embd, name="label_emb")(labels)
+    h = h + emb.astype(h.dtype)
+  elif labels is not None:
+    raise ValueError("labels were given to a network built with num_classes=0")
+  return nn.swish(nn.Dense(4 * n_embd, dtype=dtype, name="dense1")(h))
+
+
+class ResnetBlock(nn.Module):
+  """The reference ResNet block.
+
+  GroupNorm -> swish -> conv1 -> + cond_proj(cond) -> GroupNorm -> swish ->
+  dropout -> conv2 (zero init) -> + shortcut (nin_shortcut Dense when the
+  channel count changes).
+  """
+  out_ch: Optional[int] = None
+  dropout: float = 0.0
+  num_groups: int = NUM_GROUPS
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cond, train):
+    c_in = x.shape[-1]
+    out_ch = c_in if self.out_ch is None else self.out_ch
+    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="GroupNorm_0")(x))
+    h = nn.Conv(out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h = h + nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
+                     dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="GroupNorm_1")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = nn.Conv(out_ch, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                name="conv2")(h)
+    if c_in != out_ch:
+      x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(x)
+    return x + h
+
+
+def attention(q, k, v):
+  r"""Attention over all positions: softmax(q k^T / sqrt(d)) v.
+
+  The softmax is exp(w - logsumexp(w)) over keys, as in the reference.
+
+  Args:
+    q, k, v: [B, N, heads, d].
+
+  Returns:
+    [B, N, heads, d].
+  """
+  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  w = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+  w32 = w.astype(jnp.float32)
+  p = jnp.exp(w32 - jax.scipy.special.logsumexp(w32, axis=-1, keepdims=True))
+  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention residual block over all H*W positions.
+
+  x + proj_out(attn(q(n), k(n), v(n))), n = GroupNorm(x); proj_out is zero
+  initialised.
+  """
+  num_groups: int = NUM_GROUPS
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="GroupNorm_0")(x)
+    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hgt * wid, 1, c)
+               for n in ("q", "k", "v"))
+    h = attention(q, k, v).reshape(b, hgt, wid, c)
+    h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
+    return x + h

@@ -1,0 +1,102 @@
+"""The VDM score network (ScoreUNet of google-research/vdm), parameter-compatible.
+
+A U-Net without resolution changes: conv_in -> n_layer ResNet blocks (each
+optionally followed by attention) -> middle (block, attention, block) ->
+n_layer + 1 up blocks fed with skip connections -> GroupNorm -> swish ->
+conv_out. It predicts eps with the input added back ("base measure"):
+eps_hat = z + conv_out(...). Kingma et al. 2021, appendix B.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vdm_jax.nets import layers
+
+Dtype = Any
+
+
+def check_inputs(z, g_t, conditioning, labels, num_classes):
+  """Shape checks shared by all networks; raises ValueError naming expected and given."""
+  if z.ndim != 4:
+    raise ValueError(f"z must have rank 4 [B, H, W, C], given shape {z.shape}")
+  batch = z.shape[0]
+  g_shape = jnp.shape(g_t)
+  if len(g_shape) > 1 or (len(g_shape) == 1 and g_shape[0] != batch):
+    raise ValueError(f"g_t must be a scalar or have shape ({batch},), given shape {g_shape}")
+  if conditioning is not None and jnp.shape(conditioning) != (batch,):
+    raise ValueError(f"conditioning must have shape ({batch},), given {jnp.shape(conditioning)}")
+  if labels is not None:
+    if num_classes == 0:
+      raise ValueError("labels were given to a network built with num_classes=0")
+    if jnp.shape(labels) != (batch,):
+      raise ValueError(f"labels must have shape ({batch},), given {jnp.shape(labels)}")
+
+
+class ScoreUNet(nn.Module):
+  """eps_hat = net(z, g_t, conditioning, labels, train=...), reference layout.
+
+  Attributes:
+    n_embd: channels of every block (reference sm_n_embd); a multiple of 32.
+    n_layer: number of down blocks (reference sm_n_layer).
+    with_attention: attention after every down/up block (the middle one is
+      always present).
+    with_fourier_features: concatenate base-2 Fourier features (n = 6, 7) of z.
+    dropout: dropout rate inside the ResNet blocks (active with train=True).
+    gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
+    num_classes: 0 = no labels; else a label embedding with a null row.
+    dtype: compute dtype; parameters stay float32.
+  """
+  n_embd: int = 128
+  n_layer: int = 32
+  with_attention: bool = False
+  with_fourier_features: bool = True
+  dropout: float = 0.1
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, g_t, conditioning=None, labels=None, *, train=False):
+    """Predicts the noise.
+
+    Args:
+      z: latent z_t, float [B, H, W, C].
+      g_t: gamma_t, scalar or [B].
+      conditioning: the reference's conditioning scalar, float [B] or None (zeros).
+      labels: int [B] in [0, num_classes] (num_classes = null label) or None.
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      eps_hat, [B, H, W, C] (float32 for float32 z).
+    """
+    check_inputs(z, g_t, conditioning, labels, self.num_classes)
+    batch, n = z.shape[0], self.n_embd
+    cond = layers.conditioning_vector(
+        g_t, conditioning, labels, batch=batch, n_embd=n, gamma_min=self.gamma_min,
+        gamma_max=self.gamma_max, num_classes=self.num_classes, dtype=self.dtype)
+    h = z
+    if self.with_fourier_features:
+      h = jnp.concatenate([z, layers.fourier_features(z.astype(jnp.float32))], axis=-1)
+    h = nn.Conv(n, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+    block = lambda name, **kw: layers.ResnetBlock(dropout=self.dropout, dtype=self.dtype,
+                                                  name=name, **kw)
+    attn = lambda name: layers.AttnBlock(dtype=self.dtype, name=name)
+    hs = [h]
+    for i in range(self.n_layer):
+      h = block(f"down.block_{i}", out_ch=n)(hs[-1], cond, train)
+      if self.with_attention:
+        h = attn(f"down.attn_{i}")(h)
+      hs.append(h)
+    h = block("mid.block_1")(hs[-1], cond, train)
+    h = attn("mid.attn_1")(h)
+    h = block("mid.block_2")(h, cond, train)
+    for i in range(self.n_layer + 1):
+      h = block(f"up.block_{i}", out_ch=n)(jnp.concatenate([h, hs.pop()], axis=-1), cond, train)
+      if self.with_attention:
+        h = attn(f"up.attn_{i}")(h)
+    h = nn.swish(nn.GroupNorm(layers.NUM_GROUPS, dtype=self.dtype, name="GroupNorm_0")(h))
+    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                  name="conv_out")(h)
+    return z + out
