@@ -1,0 +1,244 @@
+r"""The VDM variational bound and its terms (Kingma et al. 2021, sec. 3 and 4).
+
+  -log p(x) <= prior + reconstruction + diffusion
+    prior          = KL(q(z_1 | x) || N(0, I))
+    reconstruction = E_{q(z_0 | x)} [-log p(x | z_0)]
+    diffusion      = 0.5 E_{t ~ U(0,1), eps} [gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2]  (T = 0)
+                   = 0.5 T E_{i, eps} [expm1(gamma_t - gamma_s) ||eps - eps_hat||^2]      (T > 0)
+
+All losses are nats per example summed over H, W, C, shape [B].
+`eps_fn(z_t, gamma_t) -> eps_hat` with z_t [B, H, W, C] and gamma_t [B];
+`gamma_fn(t) -> gamma` maps [B] to [B].
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm_jax import decoders
+from vdm_jax import gaussian
+from vdm_jax import schedules
+
+
+def _sum_per_example(values):
+  """Sums an array [B, ...] over all but the first axis: [B]."""
+  return jnp.sum(jnp.reshape(values, (values.shape[0], -1)), axis=-1)
+
+
+def _squared_error(eps, eps_hat):
+  eps, eps_hat = jnp.asarray(eps), jnp.asarray(eps_hat)
+  if eps.shape != eps_hat.shape or eps.ndim < 1:
+    raise ValueError(f"eps and eps_hat must have the same shape [B, ...], got {eps.shape} and {eps_hat.shape}")
+  return _sum_per_example(jnp.square(eps - eps_hat))
+
+
+def prior_loss(f, gamma_1):
+  r"""KL(q(z_1 | x) || N(0, I)), the VDM latent loss.
+
+  With alpha_1^2 = sigmoid(-gamma_1), sigma_1^2 = sigmoid(gamma_1):
+    0.5 * sum_i (alpha_1^2 f_i^2 + sigma_1^2 - log sigma_1^2 - 1),
+  evaluated without cancellation (see gaussian.kl_to_standard_normal_from_gamma).
+
+  Args:
+    f: encoded data in [-1, 1], [B, H, W, C].
+    gamma_1: gamma at t = 1, scalar or [B].
+
+  Returns:
+    nats per example, summed over H, W, C: [B].
+  """
+  return _sum_per_example(gaussian.kl_to_standard_normal_from_gamma(f, gamma_1))
+
+
+def reconstruction_loss(x, z_0, gamma_0, vocab_size=256):
+  r"""-log p(x | z_0) under the VDM categorical decoder.
+
+    -sum_i log softmax_v(-0.5 (z_0,i - alpha_0 enc(v))^2 / sigma_0^2)[x_i]
+
+  Args:
+    x: integer data in {0, ..., V-1}, [B, H, W, C].
+    z_0: latent z_0 = alpha_0 f + sigma_0 eps0, [B, H, W, C].
+    gamma_0: gamma at t = 0, scalar or [B].
+    vocab_size: number of values V.
+
+  Returns:
+    nats per example, summed over H, W, C: [B].
+  """
+  x = jnp.asarray(x)
+  if x.shape != jnp.shape(z_0):
+    raise ValueError(f"x and z_0 must have the same shape, got {x.shape} and {jnp.shape(z_0)}")
+  logprobs = decoders.categorical_logprobs(z_0, gamma_0, vocab_size)
+  picked = jnp.take_along_axis(logprobs, x.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+  return -_sum_per_example(picked)
+
+
+def diffusion_loss(eps, eps_hat, dgamma_dt):
+  r"""Continuous-time diffusion loss for one t per example (VDM eq. 17).
+
+    0.5 * gamma'(t) * ||eps - eps_hat||^2
+
+  Args:
+    eps: the noise used to form z_t, [B, H, W, C].
+    eps_hat: the model's prediction of eps, [B, H, W, C].
+    dgamma_dt: gamma'(t), scalar or [B].
+
+  Returns:
+    nats per example (an unbiased one-sample estimate), summed over H, W, C: [B].
+  """
+  return 0.5 * dgamma_dt * _squared_error(eps, eps_hat)
+
+
+def discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, num_steps):
+  r"""Discrete-time diffusion loss for one step per example (VDM eq. 13-15).
+
+    0.5 * T * expm1(gamma_t - gamma_s) * ||eps - eps_hat||^2,  s = t - 1/T
+
+  Args:
+    eps: the noise used to form z_t, [B, H, W, C].
+    eps_hat: prediction of eps at (z_t, gamma_t), [B, H, W, C].
+    gamma_t: gamma(t), scalar or [B].
+    gamma_s: gamma(s), scalar or [B].
+    num_steps: T > 0, the number of steps (the step index is drawn uniformly).
+
+  Returns:
+    nats per example (one-sample estimate of sum_i L_i), summed over H, W, C: [B].
+  """
+  return 0.5 * num_steps * jnp.expm1(gamma_t - gamma_s) * _squared_error(eps, eps_hat)
+
+
+def _is_int(value):
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_options(num_steps, vocab_size):
+  if not (_is_int(num_steps) and num_steps >= 0):
+    raise ValueError(f"num_steps must be an int >= 0 (0 = continuous time), got {num_steps!r}")
+  if not (_is_int(vocab_size) and vocab_size >= 2):
+    raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+
+
+def round_up_to_grid(t, num_steps):
+  r"""Discrete-time rounding of the VDM reference: t <- ceil(t T) / T, s = t - 1/T.
+
+  Args:
+    t: times in (0, 1], [B].
+    num_steps: T > 0.
+
+  Returns:
+    (t_rounded, s), each [B].
+  """
+  t = jnp.ceil(t * num_steps) / num_steps
+  return t, t - 1.0 / num_steps
+
+
+def vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, *, num_steps=0, vocab_size=256):
+  r"""The VDM loss terms for given times and noises (deterministic given its inputs).
+
+  f = encode(x); z_0 = alpha_0 f + sigma_0 eps0; z_t = alpha_t f + sigma_t eps;
+  continuous (T = 0): diffusion = 0.5 gamma'(t) ||eps - eps_fn(z_t, gamma_t)||^2 with
+  gamma'(t) from jax.jvp of gamma_fn (tangent ones); discrete (T > 0): t is first
+  rounded up, t <- ceil(t T)/T, s = t - 1/T, and diffusion = 0.5 T expm1(gamma_t -
+  gamma_s) ||eps - eps_hat||^2.
+
+  Args:
+    eps_fn: (z_t [B, H, W, C], gamma_t [B]) -> eps_hat [B, H, W, C].
+    gamma_fn: t [B] -> gamma [B].
+    x: integer data in {0, ..., V-1}, [B, H, W, C].
+    t: times in [0, 1] (in (0, 1] for T > 0), [B].
+    eps: noise for z_t, [B, H, W, C].
+    eps0: noise for z_0, [B, H, W, C].
+    num_steps: T; 0 means continuous time.
+    vocab_size: number of values V.
+
+  Returns:
+    (loss [B], terms {'prior', 'reconstruction', 'diffusion'}: each [B]), nats per
+    example summed over H, W, C; loss = sum of the terms.
+  """
+  _check_options(num_steps, vocab_size)
+  x = jnp.asarray(x)
+  if x.ndim < 2 or jnp.shape(t) != x.shape[:1]:
+    raise ValueError(f"expected x [B, ...] and t [B], got x {x.shape} and t {jnp.shape(t)}")
+  if jnp.shape(eps) != x.shape or jnp.shape(eps0) != x.shape:
+    raise ValueError(f"eps and eps0 must have the shape of x {x.shape}, got {jnp.shape(eps)}, {jnp.shape(eps0)}")
+  f = decoders.encode(x, vocab_size)
+  gamma_0, gamma_1 = gamma_fn(jnp.zeros_like(t)), gamma_fn(jnp.ones_like(t))
+  z_0 = gaussian.sample_forward(f, gamma_0, eps0)
+  terms = {
+      "prior": prior_loss(f, gamma_1),
+      "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size),
+  }
+  if num_steps == 0:
+    gamma_t, dgamma_dt = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+    eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
+    terms["diffusion"] = diffusion_loss(eps, eps_hat, dgamma_dt)
+  else:
+    t, s = round_up_to_grid(t, num_steps)
+    gamma_t, gamma_s = gamma_fn(t), gamma_fn(s)
+    eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
+    terms["diffusion"] = discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, num_steps)
+  loss = terms["prior"] + terms["reconstruction"] + terms["diffusion"]
+  return loss, terms
+
+
+def sample_times(key, batch_size, *, antithetic=True):
+  r"""Diffusion times t ~ U(0, 1), optionally antithetic (low-discrepancy).
+
+  antithetic: t0 ~ U(0, 1) (one scalar), t_i = mod(t0 + i / B, 1); else t_i iid U(0, 1).
+
+  Args:
+    key: PRNG key.
+    batch_size: B.
+    antithetic: whether to use the stratified times of VDM appendix I.1.
+
+  Returns:
+    t, [B] float32.
+  """
+  if antithetic:
+    t0 = jax.random.uniform(key, ())
+    return jnp.mod(t0 + jnp.arange(batch_size) / batch_size, 1.0)
+  return jax.random.uniform(key, (batch_size,))
+
+
+def vdm_loss(eps_fn, gamma_fn, x, key, *, num_steps=0, antithetic=True, vocab_size=256):
+  r"""One-sample estimate of the VDM bound -log p(x) <= prior + reconstruction + diffusion.
+
+  Draws, from key split in three and in this order: eps0 ~ N(0, I) (for z_0),
+  t (see `sample_times`), eps ~ N(0, I) (for z_t); then calls `vdm_loss_from_noise`.
+
+  Args:
+    eps_fn: (z_t [B, H, W, C], gamma_t [B]) -> eps_hat [B, H, W, C].
+    gamma_fn: t [B] -> gamma [B], increasing.
+    x: integer data in {0, ..., V-1}, [B, H, W, C].
+    key: PRNG key.
+    num_steps: T; 0 means continuous time.
+    antithetic: stratified times t_i = mod(t0 + i/B, 1).
+    vocab_size: number of values V.
+
+  Returns:
+    (loss [B], terms {'prior', 'reconstruction', 'diffusion'}: each [B]), nats per
+    example summed over H, W, C.
+  """
+  _check_options(num_steps, vocab_size)
+  x = jnp.asarray(x)
+  if x.ndim < 2:
+    raise ValueError(f"x must be [B, ...] with at least 2 axes, got shape {x.shape}")
+  key_eps0, key_t, key_eps = jax.random.split(key, 3)
+  eps0 = jax.random.normal(key_eps0, x.shape)
+  t = sample_times(key_t, x.shape[0], antithetic=antithetic)
+  eps = jax.random.normal(key_eps, x.shape)
+  return vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, num_steps=num_steps, vocab_size=vocab_size)
+
+
+def bits_per_dim(nats, num_dims):
+  r"""Converts nats per example to bits per dimension: nats / (D ln 2).
+
+  Args:
+    nats: any array (e.g. [B] losses summed over H, W, C).
+    num_dims: D = H * W * C (positive int).
+
+  Returns:
+    bits per dimension, shape of nats.
+  """
+  if not (_is_int(num_dims) and num_dims > 0):
+    raise ValueError(f"num_dims must be a positive int (H*W*C), got {num_dims!r}")
+  return jnp.asarray(nats) / (num_dims * math.log(2.0))
