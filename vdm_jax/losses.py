@@ -10,6 +10,7 @@ All losses are nats per example summed over H, W, C, shape [B].
 `eps_fn(z_t, gamma_t) -> eps_hat` with z_t [B, H, W, C] and gamma_t [B];
 `gamma_fn(t) -> gamma` maps [B] to [B].
 """
+import functools
 import math
 
 import jax
@@ -194,9 +195,13 @@ def sample_times(key, batch_size, *, antithetic=True):
     t, [B] float32.
   """
   if antithetic:
-    t0 = jax.random.uniform(key, ())
-    return jnp.mod(t0 + jnp.arange(batch_size) / batch_size, 1.0)
+    return antithetic_times(jax.random.uniform(key, ()), batch_size)
   return jax.random.uniform(key, (batch_size,))
+
+
+def antithetic_times(t0, batch_size):
+  """Stratified times t_i = mod(t0 + i / B, 1) from one t0 in [0, 1); returns [B]."""
+  return jnp.mod(t0 + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
 
 
 def vdm_loss(eps_fn, gamma_fn, x, key, *, num_steps=0, antithetic=True, vocab_size=256):
@@ -242,3 +247,134 @@ def bits_per_dim(nats, num_dims):
   if not (_is_int(num_dims) and num_dims > 0):
     raise ValueError(f"num_dims must be a positive int (H*W*C), got {num_dims!r}")
   return jnp.asarray(nats) / (num_dims * math.log(2.0))
+
+
+# Variance-minimising schedule gradient (VDM appendix I.2).
+
+
+def _diffusion_from_shape(eps_fn, f, eps, gamma_0, gamma_1, g_t, dg_t):
+  """Continuous diffusion loss [B] with gamma_t = gamma_0 + (gamma_1 - gamma_0) g_t."""
+  gamma_t = gamma_0 + (gamma_1 - gamma_0) * g_t
+  eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
+  return diffusion_loss(eps, eps_hat, (gamma_1 - gamma_0) * dg_t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _second_moment_for_shape(fn, gamma_0, gamma_1, g_t, dg_t, *consts):
+  return fn(gamma_0, gamma_1, g_t, dg_t, *consts)
+
+
+def _second_moment_fwd(fn, gamma_0, gamma_1, g_t, dg_t, *consts):
+  loss, vjp_fn = jax.vjp(fn, gamma_0, gamma_1, g_t, dg_t, *consts)
+  return loss, (loss, vjp_fn)
+
+
+def _second_moment_bwd(fn, residuals, cotangent):
+  del fn
+  loss, vjp_fn = residuals
+  d_gamma_0, d_gamma_1, d_g_t, d_dg_t, *d_consts = vjp_fn(cotangent)
+  # d(L_i^2) / d g = 2 L_i dL_i / d g, per example: only the shape inputs are rescaled.
+  scale = 2.0 * loss
+  return (d_gamma_0, d_gamma_1, scale * d_g_t, scale * d_dg_t, *d_consts)
+
+
+_second_moment_for_shape.defvjp(_second_moment_fwd, _second_moment_bwd)
+
+
+def variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t, eps):
+  r"""Continuous diffusion loss [B] whose schedule-shape gradient minimises its variance.
+
+  The schedule is gamma(t) = gamma_0 + (gamma_1 - gamma_0) g(t) with g = shape_fn,
+  monotone, g(0) = 0, g(1) = 1. The forward value is the usual
+  L_i = 0.5 gamma'(t_i) ||eps_i - eps_hat(z_t, gamma_t)||^2. Reverse-mode derivatives:
+    eps_fn's parameters, gamma_0, gamma_1 (and f, eps): d L_i / d .  (unchanged)
+    parameters of shape_fn:                            d L_i^2 / d . = 2 L_i dL_i / d .
+  E[L] depends on the schedule only through gamma_0, gamma_1 (VDM eq. 20), so the
+  shape gradient is that of Var[L] = E[L^2] - E[L]^2 (VDM appendix I.2). For an
+  objective sum_i c_i L_i (e.g. a batch mean, c_i = 1/B) one backward pass gives the
+  shape parameters the gradient of sum_i c_i L_i^2. Implemented with a custom_vjp
+  around the per-example loss (one forward, one backward pass of eps_fn).
+
+  Args:
+    eps_fn: (z_t [B, H, W, C], gamma_t [B]) -> eps_hat [B, H, W, C].
+    gamma_0, gamma_1: schedule endpoints, scalars (e.g. learned parameters).
+    shape_fn: t [B] -> g(t) [B], normalised monotone shape in [0, 1].
+    f: encoded data, [B, H, W, C].
+    t: times in [0, 1], [B].
+    eps: noise for z_t, [B, H, W, C].
+
+  Returns:
+    diffusion loss, nats per example summed over H, W, C: [B].
+  """
+  g_t, dg_t = jax.jvp(shape_fn, (t,), (jnp.ones_like(t),))
+
+  def per_example(gamma_0, gamma_1, g_t, dg_t):
+    return _diffusion_from_shape(eps_fn, f, eps, gamma_0, gamma_1, g_t, dg_t)
+
+  converted, consts = jax.closure_convert(per_example, gamma_0, gamma_1, g_t, dg_t)
+  return _second_moment_for_shape(converted, gamma_0, gamma_1, g_t, dg_t, *consts)
+
+
+def schedule_from_shape(gamma_0, gamma_1, shape_fn):
+  """gamma_fn(t) = gamma_0 + (gamma_1 - gamma_0) shape_fn(t), the split used for variance minimisation."""
+  return lambda t: gamma_0 + (gamma_1 - gamma_0) * shape_fn(t)
+
+
+def variance_minimising_vdm_loss_from_noise(eps_fn, gamma_0, gamma_1, shape_fn, x, t, eps, eps0, *,
+                                            vocab_size=256):
+  r"""`vdm_loss_from_noise` (continuous time) with the variance-minimising shape gradient.
+
+  Same value as vdm_loss_from_noise(eps_fn, schedule_from_shape(gamma_0, gamma_1, shape_fn),
+  x, t, eps, eps0); gradients as in `variance_minimising_diffusion_loss` (prior and
+  reconstruction depend on gamma_0, gamma_1 only and keep their ordinary gradient).
+
+  Args:
+    eps_fn: (z_t [B, H, W, C], gamma_t [B]) -> eps_hat.
+    gamma_0, gamma_1: schedule endpoints, scalars.
+    shape_fn: t [B] -> g(t) [B], monotone, g(0) = 0, g(1) = 1.
+    x: integer data, [B, H, W, C]; t: [B]; eps, eps0: [B, H, W, C].
+    vocab_size: number of values V.
+
+  Returns:
+    (loss [B], terms {'prior', 'reconstruction', 'diffusion'}), nats per example.
+  """
+  _check_options(0, vocab_size)
+  x = jnp.asarray(x)
+  if x.ndim < 2 or jnp.shape(t) != x.shape[:1] or jnp.shape(eps) != x.shape or jnp.shape(eps0) != x.shape:
+    raise ValueError(f"expected x [B, ...], t [B], eps and eps0 like x; got {x.shape}, {jnp.shape(t)}, "
+                     f"{jnp.shape(eps)}, {jnp.shape(eps0)}")
+  f = decoders.encode(x, vocab_size)
+  z_0 = gaussian.sample_forward(f, gamma_0, eps0)
+  terms = {
+      "prior": prior_loss(f, gamma_1),
+      "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size),
+      "diffusion": variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t, eps),
+  }
+  return terms["prior"] + terms["reconstruction"] + terms["diffusion"], terms
+
+
+def variance_minimising_vdm_loss(eps_fn, gamma_0, gamma_1, shape_fn, x, key, *, antithetic=True, vocab_size=256):
+  r"""`vdm_loss` (continuous time) whose schedule-shape parameters get d E[L_diff^2].
+
+  Draws eps0, t, eps exactly as `vdm_loss` does (same key, same values) and calls
+  `variance_minimising_vdm_loss_from_noise`. Wire a learned schedule as
+  gamma(t) = gamma_0 + (gamma_1 - gamma_0) shape_fn(t) with the endpoints and the
+  normalised monotone shape as separate parameters.
+
+  Args:
+    eps_fn, gamma_0, gamma_1, shape_fn: as in `variance_minimising_vdm_loss_from_noise`.
+    x: integer data, [B, H, W, C].
+    key: PRNG key.
+    antithetic: stratified times.
+    vocab_size: number of values V.
+
+  Returns:
+    (loss [B], terms {'prior', 'reconstruction', 'diffusion'}), nats per example.
+  """
+  x = jnp.asarray(x)
+  key_eps0, key_t, key_eps = jax.random.split(key, 3)
+  eps0 = jax.random.normal(key_eps0, x.shape)
+  t = sample_times(key_t, x.shape[0], antithetic=antithetic)
+  eps = jax.random.normal(key_eps, x.shape)
+  return variance_minimising_vdm_loss_from_noise(eps_fn, gamma_0, gamma_1, shape_fn, x, t, eps, eps0,
+                                                 vocab_size=vocab_size)
