@@ -1,0 +1,82 @@
+r"""Train, evaluate or sample a VDM.
+
+  python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits
+  python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits --mode=eval
+  python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits --mode=sample \
+      --config.sample.sampler=ddim --config.sample.num_steps=50 --config.sample.gif=True
+
+Any config field can be overridden with --config.a.b=value. Training resumes
+from the newest checkpoint in --workdir; --mode=eval and --mode=sample load
+the newest one (or --config.sample.checkpoint_step=N).
+
+Several hosts (or several processes on one machine): start the same command
+once per process with
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(process 0's HOST; on CPU the processes talk through gloo), or with
+--distributed alone where JAX finds the cluster itself (Cloud TPU pods, SLURM,
+Open MPI). The global batch (training.batch_size) is split over all devices
+of all processes and must be divisible by their number.
+"""
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0 for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with auto-detection.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed():
+  if _COORDINATOR.value:
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in (jax.config.jax_platforms or ""):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}; options are --flag=value")
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top
+  _initialize_distributed()
+  logging.info("JAX process %d of %d, %d devices: %s", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.devices())
+  run = {"train": train.train_and_evaluate, "eval": train.evaluate,
+         "sample": train.sample}[_MODE.value]
+  try:
+    result = run(_CONFIG.value, _WORKDIR.value)
+  except ValueError as err:
+    sys.exit(f"error: {err}")
+  logging.info("%s result: %s", _MODE.value, result)
+  if jax.process_index() == 0:
+    print(f"{_MODE.value}: {result}")
+
+
+def _parse_flags(argv):
+  """absl flag parsing with one-line errors (config_flags raises AttributeError/KeyError)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as err:
+    message = re.sub(r"\\n|\n", " ", str(err)).replace("\\", "").replace("'", "")
+    sys.exit(f"error: a --config override names a field the config does not have: {message}")
+  except (flags.Error, TypeError, ValueError) as err:
+    sys.exit(f"error: bad flag: {err}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,69 @@
+"""Files the trainer writes for people: sample grids (PNG), GIFs, the gamma(t) plot."""
+import math
+import os
+
+import numpy as np
+
+
+def to_uint8(x, vocab_size):
+  """Integer images in [0, V) -> uint8 in [0, 255]: round(x * 255 / (V - 1))."""
+  x = np.asarray(x, np.float64)
+  return np.clip(np.round(x * 255.0 / (vocab_size - 1)), 0, 255).astype(np.uint8)
+
+
+def image_grid(images, *, pad=1):
+  """Tiles uint8 [N,H,W,C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] image."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, cols)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def _pil(grid, scale):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  if scale > 1:
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+  return image
+
+
+def _scale_for(grid, min_side=256):
+  return max(1, min_side // max(grid.shape[:2]))
+
+
+def save_png(path, grid):
+  """Writes a uint8 [H, W, C] grid as PNG, upscaled (nearest) to >= 256 px."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  _pil(grid, _scale_for(grid)).save(path)
+
+
+def save_gif(path, grids, *, duration_ms=100):
+  """Writes uint8 [H, W, C] frames as a looping animated GIF (last frame held longer)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  scale = _scale_for(grids[0])
+  frames = [_pil(g, scale).convert("P") for g in grids]
+  durations = [duration_ms] * (len(frames) - 1) + [duration_ms * 10]
+  frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def save_gamma_plot(path, t, gamma, *, title="learned gamma(t)"):
+  """Plots gamma(t) = -log SNR(t) against t and writes a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+  ax.plot(np.asarray(t), np.asarray(gamma))
+  ax.set_xlabel("t")
+  ax.set_ylabel("gamma(t) = -log SNR")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,236 @@
+"""Sharded VDM training: train_and_evaluate(config, workdir), evaluate, sample.
+
+One jitted train step over a jax.sharding.Mesh of every device of every host
+(axis "data"): the global batch is sharded over "data", the TrainState is
+replicated and donated, and step i draws its randomness from
+fold_in(state.rng, i), so a run's numbers do not depend on the device count
+and a resumed run repeats an uninterrupted one exactly. The loss is the mean
+over the batch of the VDM bound in bits/dim.
+"""
+import os
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vdm_jax import data
+from vdm_jax import model as model_lib
+from vdm_jax import train_state
+from vdm_jax import train_loop
+
+SAMPLERS = ("ancestral", "ddim", "ode")
+
+
+def _require(ok, message):
+  if not ok:
+    raise ValueError(message)
+
+
+def validate_config(config, workdir):
+  """Fails fast (before any compile) with a one-line ValueError naming the fix."""
+  num_devices, num_hosts = jax.device_count(), jax.process_count()
+  t, e, s = config.training, config.eval, config.sample
+  _require(config.data.dataset in data.DATASETS,
+           f"unknown data.dataset {config.data.dataset!r}; expected one of "
+           f"{', '.join(data.DATASETS)}")
+  for name, value in (("training.num_steps", t.num_steps), ("training.batch_size", t.batch_size),
+                      ("training.log_every", t.log_every),
+                      ("training.checkpoint_every", t.checkpoint_every),
+                      ("training.keep_checkpoints", t.keep_checkpoints),
+                      ("eval.batch_size", e.batch_size), ("sample.num_steps", s.num_steps),
+                      ("sample.num_images", s.num_images)):
+    _require(value > 0, f"{name} must be a positive integer, got {value}")
+  _require(t.eval_every >= 0, f"training.eval_every must be >= 0 (0: only at the end), "
+           f"got {t.eval_every}")
+  for name, value in (("training.batch_size", t.batch_size), ("eval.batch_size", e.batch_size)):
+    _require(value % num_devices == 0 and value % num_hosts == 0,
+             f"{name}={value} is not divisible by the {num_devices} devices "
+             f"({num_hosts} processes); set --config.{name} to a multiple of {num_devices}")
+  _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as err:
+    raise ValueError(f"workdir {workdir} is not writable ({err.strerror}); pass a writable "
+                     f"--workdir") from None
+
+
+def create_model(config):
+  """VDM(ModelConfig(**config.model)); ConfigDict lists become tuples."""
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+  try:
+    return model_lib.VDM(model_lib.ModelConfig(**fields))
+  except TypeError as err:
+    raise ValueError(f"config.model must hold exactly ModelConfig's fields: {err}") from None
+
+
+def make_optimizer(config):
+  """(optax transformation, lr schedule over optimizer updates) from config.optimizer."""
+  o = config.optimizer
+  updates = max(1, config.training.num_steps // o.accumulation_steps)
+  schedule = train_state.learning_rate_schedule(
+      learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, decay=o.decay,
+      decay_steps=updates)
+  tx = train_state.make_optimizer(
+      schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+      grad_clip_norm=o.grad_clip_norm, accumulation_steps=o.accumulation_steps)
+  return tx, schedule
+
+
+class Setup:
+  """Model, mesh, shardings and jitted steps of one run (built once, reused)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.model = create_model(config)
+    self.conditional = config.model.num_classes > 0
+    self.image_shape = tuple(config.model.image_shape)
+    self.num_dims = int(np.prod(self.image_shape))
+    self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.tx, self.schedule = make_optimizer(config)
+    self._train_step = None
+    self._eval_step = None
+
+  def global_batch(self, batch):
+    """Host-local numpy batch -> global jax arrays sharded over "data"."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def _labels(self, batch):
+    return batch["label"] if self.conditional else None
+
+  def init_state(self):
+    """Fresh replicated TrainState from config.seed."""
+    def init(key):
+      x = jnp.zeros((1, *self.image_shape), jnp.int32)
+      labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+      params = self.model.init(key, x, labels)
+      return train_state.create(params, self.tx, self.config.seed)
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
+    return jax.jit(init, out_shardings=self.replicated)(key)
+
+  def abstract_state(self):
+    """ShapeDtypeStructs (replicated) of the TrainState, for restoring."""
+    shapes = jax.eval_shape(self.init_state)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  def _bpd(self, nats):
+    return nats / (self.num_dims * np.log(2.0))
+
+  def train_step(self, state, batch):
+    """(state, global batch) -> (new state, metrics of scalars); jitted once, state donated."""
+    if self._train_step is None:
+      self._train_step = jax.jit(self._train_step_fn, donate_argnums=0,
+                                 in_shardings=(self.replicated, self.batch_sharding),
+                                 out_shardings=(self.replicated, self.replicated))
+    return self._train_step(state, batch)
+
+  def _train_step_fn(self, state, batch):
+    o = self.config.optimizer
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      loss, terms = self.model.loss(params, batch["image"], key, labels=self._labels(batch),
+                                    train=True)
+      return jnp.mean(self._bpd(loss)), terms
+
+    (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    # With gradient accumulation the parameters move once every k mini-batches.
+    applied = (state.step + 1) % o.accumulation_steps == 0
+    ema = train_state.ema_update(state.ema_params, params, o.ema_decay)
+    ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state.ema_params)
+    gamma_fn = self.model.gamma_fn(params)
+    metrics = {"bpd": bpd, "grad_norm": optax.global_norm(grads),
+               "learning_rate": self.schedule(state.step // o.accumulation_steps),
+               "gamma_0": jnp.squeeze(gamma_fn(jnp.zeros(()))),
+               "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(())))}
+    for name in ("prior", "reconstruction", "diffusion"):
+      metrics[f"bpd_{name}"] = jnp.mean(self._bpd(terms[name]))
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  def eval_step(self, params, batch, key):
+    """Masked sums over a global batch: {"bpd", "bpd_<term>", "count"} (bits/dim summed)."""
+    if self._eval_step is None:
+      self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(
+          self.replicated, self.batch_sharding, self.replicated), out_shardings=self.replicated)
+    return self._eval_step(params, batch, key)
+
+  def _eval_step_fn(self, params, batch, key):
+    loss, terms = self.model.loss(params, batch["image"], key, labels=self._labels(batch),
+                                  train=False)
+    mask = batch["mask"]
+    sums = {"bpd": jnp.sum(self._bpd(loss) * mask), "count": jnp.sum(mask)}
+    for name in ("prior", "reconstruction", "diffusion"):
+      sums[f"bpd_{name}"] = jnp.sum(self._bpd(terms[name]) * mask)
+    return sums
+
+  def evaluate_params(self, params, source):
+    """Test bits/dim (and per term) of `params` in one deterministic pass over `source`.
+
+    Example n of batch b uses the noise of fold_in(PRNGKey(seed + 1), b), so
+    the number is reproducible from the same params, data and config.
+    """
+    e = self.config.eval
+    key = jax.random.PRNGKey(self.config.seed + 1)
+    totals = None
+    for b, batch in enumerate(data.eval_batches(
+        source, batch_size=e.batch_size, num_examples=e.num_examples,
+        process_index=jax.process_index(), process_count=jax.process_count())):
+      sums = self.eval_step(params, self.global_batch(batch), jax.random.fold_in(key, b))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals.pop("count"))
+    return {k: float(v) / count for k, v in totals.items()}
+
+
+def load_sources(config, splits=("train", "test")):
+  """{split: random-access source} for config.data."""
+  d = config.data
+  return {split: data.load_source(d.dataset, split, data_dir=d.data_dir, path=d.path,
+                                  image_shape=tuple(config.model.image_shape),
+                                  test_fraction=d.test_fraction, split_seed=d.split_seed)
+          for split in splits}
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (resuming from workdir/checkpoints if any), evaluates, samples.
+
+  Returns:
+    dict of the last evaluation's metrics (test bits/dim, EMA params).
+  """
+  validate_config(config, workdir)
+  sources = load_sources(config)
+  setup = Setup(config)
+  return train_loop.run(setup, sources, workdir)
+
+
+def evaluate(config, workdir):
+  """Test bits/dim of the EMA params of the newest (or sample.checkpoint_step) checkpoint."""
+  validate_config(config, workdir)
+  source = load_sources(config, ("test",))["test"]
+  setup = Setup(config)
+  step, state = train_loop.restore_for_inference(setup, workdir)
+  metrics = setup.evaluate_params(state.ema_params, source)
+  logging.info("step %d: test bits/dim %.6f (%s)", step, metrics["bpd"], metrics)
+  return {"step": step, **metrics}
+
+
+def sample(config, workdir):
+  """Writes config.sample.num_images samples (PNG grid, .npy, optional GIF) under workdir/samples."""
+  validate_config(config, workdir)
+  setup = Setup(config)
+  step, state = train_loop.restore_for_inference(setup, workdir)
+  return train_loop.write_samples(setup, state.ema_params, step, workdir,
+                                  gif=config.sample.gif)
