@@ -1,0 +1,210 @@
+r"""Probability-flow ODE samplers and the time grids shared by all samplers.
+
+The probability-flow ODE of the variance-preserving diffusion, written in the
+scaled variables xbar = z / alpha and sigmabar = sigma / alpha = exp(gamma / 2)
+= exp(-lambda) (lambda = log(alpha / sigma) = -gamma / 2, the half log-SNR), is
+
+  d xbar / d sigmabar = eps_hat(z, gamma)                  (Song et al. 2021;
+                                                            Karras et al. 2022)
+
+and in log-SNR time, with the data prediction x0_hat = (z - sigma eps_hat) / alpha,
+
+  z_t = (sigma_t / sigma_s) z_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0_hat d lambda
+                                                           (Lu et al. 2022, eq. 9).
+
+A step from (z, gamma_cur) to gamma_next with eps_hat held fixed is DDIM
+(Song et al. 2021) = DPM-Solver-1:
+
+  z_next = (alpha_next / alpha_cur) z - sigma_next expm1((gamma_cur - gamma_next) / 2) eps_hat.
+
+It is exact for either direction of time, so the same step encodes (t up) and
+decodes (t down). `eps_fn(z_t, gamma_t)` maps z [B, ...] and gamma [B] to
+eps_hat [B, ...]; `gamma_fn(t)` maps [B] to [B].
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm_jax import gaussian
+
+SOLVERS = ("dpm_solver_2m", "heun", "euler")
+
+
+def check_shape(shape):
+  """Returns `shape` as a tuple of positive ints with a leading batch axis, else raises ValueError."""
+  try:
+    shape = tuple(int(d) for d in shape)
+  except TypeError as err:
+    raise ValueError(f"shape must be a sequence of ints like (B, H, W, C), got {shape!r}") from err
+  if len(shape) < 2 or min(shape) < 1:
+    raise ValueError(f"shape must be (B, ...) with at least 2 positive dims, got {shape}")
+  return shape
+
+
+def check_num_steps(num_steps):
+  """Returns num_steps if it is an int >= 1, else raises ValueError."""
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+  return int(num_steps)
+
+
+def time_grid(num_steps, *, t_start=1.0, t_end=0.0):
+  r"""Uniform time grid t_i = t_end + (t_start - t_end) (N - i) / N, i = 0..N.
+
+  With t_start = 1 and t_end = 0 this is t_i = (N - i) / N computed in float32,
+  exactly as the reference sampler computes t and s.
+
+  Args:
+    num_steps: N >= 1 intervals.
+    t_start: first time (1.0 for sampling from the prior).
+    t_end: last time (0.0 returns z_0).
+
+  Returns:
+    float32 [N + 1], from t_start to t_end.
+  """
+  num_steps = check_num_steps(num_steps)
+  frac = jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps
+  return t_end + (t_start - t_end) * frac
+
+
+def check_times(times):
+  """Validates a 1-D grid of >= 2 times in [0, 1], strictly monotone when concrete; returns float32."""
+  times = jnp.asarray(times, jnp.float32)
+  if times.ndim != 1 or times.shape[0] < 2:
+    raise ValueError(f"times must be 1-D with at least 2 entries, got shape {times.shape}")
+  try:
+    concrete = np.asarray(times)
+  except jax.errors.TracerArrayConversionError:  # traced grid: no value check possible
+    return times
+  diffs = np.diff(concrete)
+  if not (np.all(diffs < 0) or np.all(diffs > 0)) or concrete.min() < 0 or concrete.max() > 1:
+    raise ValueError(f"times must be strictly monotone and in [0, 1], got {concrete}")
+  return times
+
+
+def gamma_at(gamma_fn, t, batch):
+  """gamma_fn evaluated at the scalar time t as a [batch] vector (the network's gamma input)."""
+  return jnp.reshape(gamma_fn(jnp.full((batch,), t, jnp.float32)), (batch,))
+
+
+def ddim_update(z, eps_hat, gamma_cur, gamma_next):
+  r"""The deterministic DDIM / DPM-Solver-1 step from gamma_cur to gamma_next.
+
+    z_next = (alpha_next / alpha_cur) z - sigma_next expm1((gamma_cur - gamma_next) / 2) eps_hat
+  with alpha_next / alpha_cur = exp((softplus(gamma_cur) - softplus(gamma_next)) / 2).
+
+  Args:
+    z: latent at gamma_cur, [B, ...].
+    eps_hat: noise prediction at (z, gamma_cur), [B, ...].
+    gamma_cur, gamma_next: scalar or [B] (either order: decoding or encoding).
+
+  Returns:
+    latent at gamma_next, [B, ...].
+  """
+  g_cur = gaussian.broadcast_to_data(gamma_cur, z.ndim)
+  g_next = gaussian.broadcast_to_data(gamma_next, z.ndim)
+  alpha_ratio = jnp.exp(0.5 * (jax.nn.softplus(g_cur) - jax.nn.softplus(g_next)))
+  sigma_next = jnp.sqrt(jax.nn.sigmoid(g_next))
+  return alpha_ratio * z - sigma_next * jnp.expm1(0.5 * (g_cur - g_next)) * eps_hat
+
+
+def _data_prediction(z, eps_hat, gamma):
+  """x0_hat = (z - sigma eps_hat) / alpha; gamma broadcast to z."""
+  gamma = gaussian.broadcast_to_data(gamma, z.ndim)
+  return (z - jnp.sqrt(jax.nn.sigmoid(gamma)) * eps_hat) / jnp.sqrt(jax.nn.sigmoid(-gamma))
+
+
+def _dpm_solver_2m_update(z, x0, x0_prev, h_prev, gamma_cur, gamma_next, first):
+  r"""DPM-Solver++(2M) step (Lu et al. 2022b, Alg. 2), data prediction, multistep.
+
+    h = lambda_next - lambda_cur = (gamma_cur - gamma_next) / 2,  r = h_prev / h
+    D = (1 + 1 / (2 r)) x0 - 1 / (2 r) x0_prev        (D = x0 on the first step)
+    z_next = (sigma_next / sigma_cur) z - alpha_next expm1(-h) D
+  """
+  g_cur = gaussian.broadcast_to_data(gamma_cur, z.ndim)
+  g_next = gaussian.broadcast_to_data(gamma_next, z.ndim)
+  h = 0.5 * (g_cur - g_next)
+  r = h_prev / jnp.where(h == 0, 1.0, h)
+  r = jnp.where(first, 1.0, r)
+  d = jnp.where(first, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev)
+  # sigma_next / sigma_cur = exp((log sigmoid(g_next) - log sigmoid(g_cur)) / 2)
+  sigma_ratio = jnp.exp(0.5 * (jax.nn.softplus(-g_cur) - jax.nn.softplus(-g_next)))
+  alpha_next = jnp.sqrt(jax.nn.sigmoid(-g_next))
+  return sigma_ratio * z - alpha_next * jnp.expm1(-h) * d, h
+
+
+def ode_solve(eps_fn, gamma_fn, z, times, *, solver="dpm_solver_2m"):
+  r"""Integrates the probability-flow ODE from times[0] to times[-1].
+
+  Solvers (network evaluations per interval in brackets):
+    "dpm_solver_2m" [1]: DPM-Solver++(2M) in log-SNR time (Lu et al. 2022b); the
+      first step is first order.
+    "heun" [2]: Heun's method on d xbar / d sigmabar = eps_hat (Karras et al.
+      2022, Alg. 1 without churn): a DDIM predictor, then the step is redone with
+      the mean of eps_hat at both ends.
+    "euler" [1]: DDIM (eta = 0) / DPM-Solver-1.
+  All three work for decreasing (sampling) and increasing (encoding) grids.
+
+  Args:
+    eps_fn: eps_fn(z [B, ...], gamma [B]) -> eps_hat [B, ...].
+    gamma_fn: t [B] -> gamma [B].
+    z: latent at times[0], [B, ...].
+    times: [N + 1] strictly monotone grid in [0, 1], e.g. time_grid(N).
+    solver: one of SOLVERS.
+
+  Returns:
+    latent at times[-1], shape of z.
+  """
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+  times = check_times(times)
+  z = jnp.asarray(z, jnp.float32)
+  batch, num_steps = z.shape[0], times.shape[0] - 1
+
+  def gammas(i):
+    return gamma_at(gamma_fn, times[i], batch), gamma_at(gamma_fn, times[i + 1], batch)
+
+  if solver == "dpm_solver_2m":
+    def body(i, carry):
+      z, x0_prev, h_prev = carry
+      g_cur, g_next = gammas(i)
+      x0 = _data_prediction(z, eps_fn(z, g_cur), g_cur)
+      z, h = _dpm_solver_2m_update(z, x0, x0_prev, h_prev, g_cur, g_next, i == 0)
+      return z, x0, h
+
+    h0 = jnp.zeros((batch,) + (1,) * (z.ndim - 1), jnp.float32)
+    return jax.lax.fori_loop(0, num_steps, body, (z, jnp.zeros_like(z), h0))[0]
+
+  def body(i, z):
+    g_cur, g_next = gammas(i)
+    eps_hat = eps_fn(z, g_cur)
+    z_euler = ddim_update(z, eps_hat, g_cur, g_next)
+    if solver == "euler":
+      return z_euler
+    eps_next = eps_fn(z_euler, g_next)
+    return ddim_update(z, 0.5 * (eps_hat + eps_next), g_cur, g_next)
+
+  return jax.lax.fori_loop(0, num_steps, body, z)
+
+
+def ode_sample(eps_fn, gamma_fn, key, shape, *, num_steps=25, solver="dpm_solver_2m", times=None):
+  r"""Samples z_0 by solving the probability-flow ODE from z_1 ~ N(0, I).
+
+  See `ode_solve` for the solvers; "heun" costs 2 * num_steps network calls.
+
+  Args:
+    eps_fn: eps_fn(z [B, ...], gamma [B]) -> eps_hat [B, ...].
+    gamma_fn: t [B] -> gamma [B].
+    key: PRNG key for z_1.
+    shape: (B, H, W, C) (any (B, ...)).
+    num_steps: N intervals of the uniform grid time_grid(N) (ignored when times is given).
+    solver: "dpm_solver_2m" (default), "heun" or "euler".
+    times: optional decreasing grid [M + 1] from 1 to 0 replacing the uniform one.
+
+  Returns:
+    z_0, float32 of `shape` (decode with vdm_jax.decoders.decode).
+  """
+  shape = check_shape(shape)
+  times = time_grid(num_steps) if times is None else check_times(times)
+  z_1 = jax.random.normal(key, shape, jnp.float32)
+  return ode_solve(eps_fn, gamma_fn, z_1, times, solver=solver)
