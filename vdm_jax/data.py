@@ -11,11 +11,11 @@ tfds named datasets read through `tfds.data_source` (array_record files, no
 TensorFlow input pipeline), user `.npz` arrays and a folder of PNG/JPEG files.
 """
 import dataclasses
-import math
 import os
 import pathlib
 from typing import Any, Iterator, Optional
 
+from absl import logging
 import numpy as np
 
 # name -> (tfds name, train split, test split)
@@ -238,21 +238,23 @@ class TrainIterator:
 
 def eval_batches(source, *, batch_size, num_examples=0, process_index=0,
                  process_count=1) -> Iterator[dict[str, Any]]:
-  """One deterministic pass in order; the last batch is padded and masked.
+  """One deterministic pass in order over the first num_examples (0: all) examples.
 
-  Yields {"image", "label", "mask"} with mask float32 [B/P] (1 = real example).
+  Global batch b covers examples [b*B, (b+1)*B); process p yields its part of
+  np.array_split of those indices (the last batch may be smaller). With several
+  processes a final remainder smaller than the process count is dropped.
   """
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"eval batch_size must be a positive multiple of the process count "
                      f"{process_count}, got {batch_size}")
   total = len(source) if num_examples <= 0 else min(num_examples, len(source))
-  host = _host_slice(batch_size, process_index, process_count)
-  for b in range(math.ceil(total / batch_size)):
-    indices = np.arange(b * batch_size, (b + 1) * batch_size)[host]
-    mask = (indices < total).astype(np.float32)
-    batch = source.get(np.minimum(indices, total - 1))
-    batch["mask"] = mask
-    yield batch
+  for start in range(0, total, batch_size):
+    indices = np.arange(start, min(start + batch_size, total))
+    if len(indices) < process_count:
+      logging.warning("dropping the last %d eval examples (fewer than %d processes)",
+                      len(indices), process_count)
+      return
+    yield source.get(np.array_split(indices, process_count)[process_index])
 
 
 def categorical_baseline_bpd(train_images, test_images, *, vocab_size, pseudocount=1.0):

@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vdm_jax import data
+from vdm_jax import likelihood
 from vdm_jax import model as model_lib
 from vdm_jax import train_state
 from vdm_jax import train_loop
@@ -160,39 +161,33 @@ class Setup:
                               opt_state=opt_state)
     return new_state, metrics
 
-  def eval_step(self, params, batch, key):
-    """Masked sums over a global batch: {"bpd", "bpd_<term>", "count"} (bits/dim summed)."""
-    if self._eval_step is None:
-      self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(
-          self.replicated, self.batch_sharding, self.replicated), out_shardings=self.replicated)
-    return self._eval_step(params, batch, key)
-
-  def _eval_step_fn(self, params, batch, key):
+  def _eval_loss(self, params, batch, key):
     loss, terms = self.model.loss(params, batch["image"], key, labels=self._labels(batch),
                                   train=False)
-    mask = batch["mask"]
-    sums = {"bpd": jnp.sum(self._bpd(loss) * mask), "count": jnp.sum(mask)}
-    for name in ("prior", "reconstruction", "diffusion"):
-      sums[f"bpd_{name}"] = jnp.sum(self._bpd(terms[name]) * mask)
-    return sums
+    return loss, {name: terms[name] for name in ("prior", "reconstruction", "diffusion")}
 
   def evaluate_params(self, params, source):
-    """Test bits/dim (and per term) of `params` in one deterministic pass over `source`.
+    """Test bits/dim of `params`: one deterministic pass over `source` (vdm_jax.likelihood).
 
-    Example n of batch b uses the noise of fold_in(PRNGKey(seed + 1), b), so
-    the number is reproducible from the same params, data and config.
+    Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so the number is
+    reproducible from the same params, data and config.
+
+    Returns:
+      dict of floats: "bpd", its "bpd_stderr", "bpd_<term>" for prior,
+      reconstruction and diffusion, and "num_examples".
     """
     e = self.config.eval
-    key = jax.random.PRNGKey(self.config.seed + 1)
-    totals = None
-    for b, batch in enumerate(data.eval_batches(
-        source, batch_size=e.batch_size, num_examples=e.num_examples,
-        process_index=jax.process_index(), process_count=jax.process_count())):
-      sums = self.eval_step(params, self.global_batch(batch), jax.random.fold_in(key, b))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals.pop("count"))
-    return {k: float(v) / count for k, v in totals.items()}
+    batches = data.eval_batches(source, batch_size=e.batch_size, num_examples=e.num_examples,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    result = likelihood.evaluate_bpd(self._eval_loss, batches,
+                                     jax.random.PRNGKey(self.config.seed + 1), params=params,
+                                     mesh=self.mesh)
+    metrics = {"bpd": result["bpd"], "bpd_stderr": result["bpd_stderr"],
+               "num_examples": result["num_examples"]}
+    metrics.update({f"bpd_{name}": result[name] for name in ("prior", "reconstruction",
+                                                              "diffusion")})
+    return metrics
 
 
 def load_sources(config, splits=("train", "test")):

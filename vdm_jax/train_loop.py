@@ -17,9 +17,7 @@ from vdm_jax import artifacts
 from vdm_jax import checkpoints
 from vdm_jax import data
 from vdm_jax import decoders
-from vdm_jax import gaussian
 from vdm_jax import sampling
-from vdm_jax import schedules
 
 
 def _checkpoint_manager(setup, workdir):
@@ -138,39 +136,24 @@ def _sample_fn(setup):
   return jax.jit(draw, out_shardings=setup.replicated)
 
 
-def _reverse_frames_fn(setup, num_frames):
-  """jitted (params, key) -> float z_t [F, N, H, W, C] at F evenly spaced times, t = 1 -> 0.
+def _progressive_fn(setup):
+  """jitted (params, key) -> x0_hat [F, N, H, W, C] along one ancestral run (t = 1 -> 0).
 
-  Ancestral steps z_s ~ q(z_s | z_t, x = x_hat(z_t)) on a grid of
-  sample.num_steps steps (Kingma et al. 2021, eq. 29), recording z_t.
+  The data predictions x0_hat = (z_t - sigma_t eps_hat) / alpha_t at
+  sample.gif_frames evenly spaced steps of sample.num_steps (Ho et al. 2020,
+  fig. 6), in the encoded scale [-1, 1].
   """
   s = setup.config.sample
   shape = (s.num_images, *setup.image_shape)
   labels = _sample_labels(setup)
-  per_frame = max(1, s.num_steps // num_frames)
-  total = per_frame * num_frames
+  x0_steps = np.unique(np.linspace(0, s.num_steps - 1, s.gif_frames).round().astype(int))
 
-  def frames(params, key):
+  def progressive(params, key):
     eps_fn = setup.model.eps_fn(params, labels=labels, guidance_weight=s.guidance_weight)
-    gamma_fn = setup.model.gamma_fn(params)
-    key_1, key_steps = jax.random.split(key)
-
-    def step(z_t, i):
-      t = jnp.full(shape[:1], (total - i) / total)
-      gamma_t, gamma_s = gamma_fn(t), gamma_fn(t - 1.0 / total)
-      alpha_t, sigma_t = schedules.alpha_sigma(gaussian.broadcast_to_data(gamma_t, z_t.ndim))
-      f_hat = (z_t - sigma_t * eps_fn(z_t, gamma_t)) / alpha_t
-      mean, var = gaussian.posterior(z_t, f_hat, gamma_s, gamma_t)
-      noise = jax.random.normal(jax.random.fold_in(key_steps, i), shape)
-      return mean + jnp.sqrt(var) * noise, None
-
-    def frame(z, j):
-      z, _ = jax.lax.scan(step, z, j * per_frame + jnp.arange(per_frame))
-      return z, z
-    z_1 = jax.random.normal(key_1, shape)
-    _, zs = jax.lax.scan(frame, z_1, jnp.arange(num_frames))
-    return jnp.concatenate([z_1[None], zs])
-  return jax.jit(frames, out_shardings=setup.replicated)
+    _, x0_hat = sampling.ancestral_sample(eps_fn, setup.model.gamma_fn(params), key, shape,
+                                          num_steps=s.num_steps, x0_steps=x0_steps)
+    return x0_hat
+  return jax.jit(progressive, out_shardings=setup.replicated)
 
 
 def write_samples(setup, params, step, workdir, *, writer=None, gif=False):
@@ -188,10 +171,10 @@ def write_samples(setup, params, step, workdir, *, writer=None, gif=False):
   paths = {"png": stem + ".png", "npy": stem + ".npy"}
   grid = artifacts.image_grid(artifacts.to_uint8(images, vocab_size))
   if gif:
-    zs = np.asarray(jax.device_get(_reverse_frames_fn(setup, s.gif_frames)(params, key)))
+    x0_hats = np.asarray(jax.device_get(_progressive_fn(setup)(params, key)))
     paths["gif"] = stem + "_reverse.gif"
-    frames = [artifacts.image_grid(np.round(np.clip((z + 1) / 2, 0, 1) * 255).astype(np.uint8))
-              for z in zs] + [grid]
+    frames = [artifacts.image_grid(np.round(np.clip((x + 1) / 2, 0, 1) * 255).astype(np.uint8))
+              for x in x0_hats] + [grid]
   if _is_chief():
     artifacts.save_png(paths["png"], grid)
     np.save(paths["npy"], images)
