@@ -200,18 +200,22 @@ def ddim_sample(eps_fn, gamma_fn, key, shape, *, num_steps=50, eta=0.0, times=No
   return jax.lax.fori_loop(0, times.shape[0] - 1, body, z)
 
 
-def ddim_encode(eps_fn, gamma_fn, z, *, t_start=0.0, t_end=1.0, num_steps=50):
-  r"""Deterministic DDIM encoder: integrates the DDIM ODE upwards, z_{t_start} -> z_{t_end}.
+def ddim_encode(eps_fn, gamma_fn, z, *, t_start=0.0, t_end=1.0, num_steps=50, solver="euler"):
+  r"""Deterministic DDIM encoder: integrates the probability-flow ODE upwards, z_{t_start} -> z_{t_end}.
 
-  Step i uses eps_hat at the current point, z <- ddim_update(z, eps_hat, gamma_i, gamma_{i+1}),
-  on the grid from t_start to t_end; `ddim_decode` with the same grid inverts it up
-  to the O(1/N) discretisation error. For an image, start from z_0 = alpha_0 f.
+  With solver="euler" (DDIM, Song et al. 2021, sec. 4.3) step i uses eps_hat at the
+  current point, z <- ddim_update(z, eps_hat, gamma_i, gamma_{i+1}); `ddim_decode` on
+  the same grid inverts it up to the O(1/N) discretisation error (about 0.03 max
+  abs at N = 200 for unit-scale data). The second-order solvers of vdm_jax.ode
+  ("dpm_solver_2m", "heun") invert far more accurately (about 1e-4 at N = 50).
+  For an image, start from z_0 = alpha_0 f.
 
   Args:
     eps_fn, gamma_fn: as in `ddim_sample`.
     z: latent at t_start, [B, ...].
     t_start < t_end: times in [0, 1].
     num_steps: N intervals.
+    solver: "euler" (DDIM), "dpm_solver_2m" or "heun".
 
   Returns:
     z at t_end, shape of z.
@@ -219,15 +223,15 @@ def ddim_encode(eps_fn, gamma_fn, z, *, t_start=0.0, t_end=1.0, num_steps=50):
   if not 0.0 <= t_start < t_end <= 1.0:
     raise ValueError(f"ddim_encode needs 0 <= t_start < t_end <= 1, got {t_start}, {t_end}")
   times = time_grid(num_steps, t_start=t_end, t_end=t_start)[::-1]
-  return ode_solve(eps_fn, gamma_fn, z, times, solver="euler")
+  return ode_solve(eps_fn, gamma_fn, z, times, solver=solver)
 
 
-def ddim_decode(eps_fn, gamma_fn, z, *, t_start=1.0, t_end=0.0, num_steps=50):
+def ddim_decode(eps_fn, gamma_fn, z, *, t_start=1.0, t_end=0.0, num_steps=50, solver="euler"):
   """Deterministic DDIM decoder (eta = 0) from z at t_start down to t_end; inverse of `ddim_encode`."""
   if not 0.0 <= t_end < t_start <= 1.0:
     raise ValueError(f"ddim_decode needs 0 <= t_end < t_start <= 1, got {t_start}, {t_end}")
   times = time_grid(num_steps, t_start=t_start, t_end=t_end)
-  return ode_solve(eps_fn, gamma_fn, z, times, solver="euler")
+  return ode_solve(eps_fn, gamma_fn, z, times, solver=solver)
 
 
 def _langevin(eps_fn, z, gamma, key, num_corrector_steps, snr):
