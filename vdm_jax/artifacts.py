@@ -34,7 +34,7 @@ def _pil(grid, scale):
 
 
 def _scale_for(grid, min_side=256):
-  return max(1, min_side // max(grid.shape[:2]))
+  return max(1, -(-min_side // max(grid.shape[:2])))
 
 
 def save_png(path, grid):

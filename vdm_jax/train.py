@@ -151,7 +151,7 @@ class Setup:
     ema = train_state.ema_update(state.ema_params, params, o.ema_decay)
     ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state.ema_params)
     gamma_fn = self.model.gamma_fn(params)
-    metrics = {"bpd": bpd, "grad_norm": optax.global_norm(grads),
+    metrics = {"bpd": bpd, "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(state.step // o.accumulation_steps),
                "gamma_0": jnp.squeeze(gamma_fn(jnp.zeros(()))),
                "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(())))}
@@ -190,6 +190,17 @@ class Setup:
     return metrics
 
 
+_SETUPS = {}
+
+
+def get_setup(config):
+  """The Setup of `config`, reused (with its compiled steps) for an identical config."""
+  key = (config.to_json_best_effort(sort_keys=True), tuple(jax.devices()))
+  if key not in _SETUPS:
+    _SETUPS[key] = Setup(config)
+  return _SETUPS[key]
+
+
 def load_sources(config, splits=("train", "test")):
   """{split: random-access source} for config.data."""
   d = config.data
@@ -207,7 +218,7 @@ def train_and_evaluate(config, workdir):
   """
   validate_config(config, workdir)
   sources = load_sources(config)
-  setup = Setup(config)
+  setup = get_setup(config)
   return train_loop.run(setup, sources, workdir)
 
 
@@ -215,7 +226,7 @@ def evaluate(config, workdir):
   """Test bits/dim of the EMA params of the newest (or sample.checkpoint_step) checkpoint."""
   validate_config(config, workdir)
   source = load_sources(config, ("test",))["test"]
-  setup = Setup(config)
+  setup = get_setup(config)
   step, state = train_loop.restore_for_inference(setup, workdir)
   metrics = setup.evaluate_params(state.ema_params, source)
   logging.info("step %d: test bits/dim %.6f (%s)", step, metrics["bpd"], metrics)
@@ -225,7 +236,7 @@ def evaluate(config, workdir):
 def sample(config, workdir):
   """Writes config.sample.num_images samples (PNG grid, .npy, optional GIF) under workdir/samples."""
   validate_config(config, workdir)
-  setup = Setup(config)
+  setup = get_setup(config)
   step, state = train_loop.restore_for_inference(setup, workdir)
   return train_loop.write_samples(setup, state.ema_params, step, workdir,
                                   gif=config.sample.gif)

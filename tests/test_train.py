@@ -1,0 +1,221 @@
+"""Tests of the trainer: optimizer pieces, resume, eval/sample modes and fast failures."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+import pytest
+
+from configs import digits
+from vdm_jax import checkpoints
+from vdm_jax import data
+from vdm_jax import train
+from vdm_jax import train_state
+
+
+def tiny_config(num_steps=20):
+  config = digits.get_config()
+  config.model.n_embd = 32
+  config.model.n_layer = 1
+  config.model.with_fourier_features = False
+  config.training.num_steps = num_steps
+  config.training.batch_size = 8
+  config.training.log_every = 5
+  config.training.eval_every = 0
+  config.training.checkpoint_every = 5
+  config.training.keep_checkpoints = 5
+  config.optimizer.warmup_steps = 2
+  config.eval.batch_size = 16
+  config.eval.num_examples = 24
+  config.sample.num_images = 4
+  config.sample.num_steps = 6
+  config.sample.gif_frames = 3
+  return config
+
+
+def _final_state(config, workdir):
+  setup = train.get_setup(config)
+  manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"))
+  step, state, position = checkpoints.restore(manager, setup.abstract_state())
+  manager.close()
+  return step, state, position
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """An uninterrupted 20-step run (checkpoints every 5), its workdir and eval metrics."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  config = tiny_config()
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_weight_decay_mask_skips_biases_norm_scales_and_gamma():
+  params = {"score_model": {"conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones(2)},
+                            "norm": {"scale": jnp.ones(2)}},
+            "gamma": {"l2": {"kernel": jnp.ones((1, 4))}, "w": jnp.ones(1)}}
+  mask = train_state.weight_decay_mask(params)
+  assert mask["score_model"]["conv"] == {"kernel": True, "bias": False}
+  assert mask["score_model"]["norm"]["scale"] is False
+  assert mask["gamma"] == {"l2": {"kernel": False}, "w": False}
+
+
+def test_learning_rate_warms_up_linearly_then_cosine_decays_to_zero():
+  lr = train_state.learning_rate_schedule(learning_rate=2e-3, warmup_steps=10, decay="cosine",
+                                          decay_steps=110)
+  np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 1e-3, 2e-3], rtol=1e-6)
+  np.testing.assert_allclose(lr(60), 1e-3, rtol=1e-5)  # half way through the cosine
+  np.testing.assert_allclose(lr(110), 0.0, atol=1e-9)
+  constant = train_state.learning_rate_schedule(learning_rate=1e-3, warmup_steps=4)
+  np.testing.assert_allclose([constant(2), constant(1000)], [5e-4, 1e-3], rtol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_update_with_the_mean_gradient():
+  rng = np.random.default_rng()
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+  g1, g2 = ({"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)} for _ in range(2))
+  kwargs = dict(schedule=optax.constant_schedule(0.1), b1=0.9, b2=0.99, eps=1e-8,
+                weight_decay=0.01, grad_clip_norm=0.0)
+  acc = train_state.make_optimizer(accumulation_steps=2, **kwargs)
+  state = acc.init(params)
+  u1, state = acc.update(g1, state, params)
+  np.testing.assert_array_equal(u1["w"], 0.0)
+  u2, _ = acc.update(g2, state, params)
+  plain = train_state.make_optimizer(**kwargs)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+  expected, _ = plain.update(mean, plain.init(params), params)
+  np.testing.assert_allclose(u2["w"], expected["w"], rtol=1e-6)
+
+
+def test_global_norm_clipping_bounds_the_first_adam_input():
+  rng = np.random.default_rng()
+  params = {"w": jnp.zeros(4)}
+  grads = {"w": jnp.asarray(rng.normal(size=4) * 100, jnp.float32)}
+  tx = train_state.make_optimizer(schedule=optax.constant_schedule(1.0), b1=0.0, b2=0.0,
+                                  eps=0.0, weight_decay=0.0, grad_clip_norm=1.0)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # With b1 = b2 = 0 Adam returns -sign(g); clipping keeps signs: a weak check of the chain,
+  np.testing.assert_allclose(updates["w"], -np.sign(grads["w"]), rtol=1e-5)
+  clip = optax.clip_by_global_norm(1.0)
+  clipped, _ = clip.update(grads, clip.init(params))
+  np.testing.assert_allclose(optax.tree.norm(clipped), 1.0, rtol=1e-5)
+
+
+def test_ema_update_is_the_convex_combination():
+  rng = np.random.default_rng()
+  ema, params = rng.normal(size=5), rng.normal(size=5)
+  np.testing.assert_allclose(train_state.ema_update(ema, params, 0.9), 0.9 * ema + 0.1 * params)
+
+
+def test_train_step_reports_finite_metrics_and_moves_params():
+  setup = train.get_setup(tiny_config())
+  state = setup.init_state()
+  before = jax.tree.map(np.asarray, state.params)
+  batch = next(data.TrainIterator(data.load_digits("train"), batch_size=8, seed=0))
+  state, metrics = setup.train_step(state, setup.global_batch(batch))
+  metrics = jax.device_get(metrics)
+  assert int(state.step) == 1
+  for name in ("bpd", "bpd_prior", "bpd_reconstruction", "bpd_diffusion", "grad_norm"):
+    assert np.isfinite(metrics[name]) and metrics[name] >= 0, name
+  np.testing.assert_allclose(metrics["bpd"], metrics["bpd_prior"] + metrics["bpd_reconstruction"]
+                             + metrics["bpd_diffusion"], rtol=1e-4)
+  assert metrics["gamma_0"] < metrics["gamma_1"]
+  np.testing.assert_allclose(metrics["learning_rate"], 0.0)  # warm-up starts at 0
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                       jax.tree.leaves(state.params))]
+  assert not any(changed)  # lr 0 at step 0: AdamW leaves params as they were
+  state, _ = setup.train_step(state, setup.global_batch(batch))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                       jax.tree.leaves(state.params)))
+
+
+def test_training_writes_checkpoints_events_samples_and_gamma_plot(trained):
+  _, workdir, metrics = trained
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "15", "20", "5"]
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  (png,) = glob.glob(os.path.join(workdir, "samples", "step_00000020_*.png"))
+  assert Image.open(png).size[0] >= 256
+  assert os.path.isfile(os.path.join(workdir, "plots", "gamma_00000020.png"))
+  assert metrics["num_examples"] == 24 and np.isfinite(metrics["bpd"])
+
+
+def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
+    trained, tmp_path, monkeypatch):
+  config, workdir, expected_metrics = trained
+  original_next = data.TrainIterator.__next__
+  calls = []
+
+  def next_until_crash(self):
+    if len(calls) == 12:
+      raise KeyboardInterrupt("simulated preemption after 12 steps")
+    calls.append(1)
+    return original_next(self)
+
+  monkeypatch.setattr(data.TrainIterator, "__next__", next_until_crash)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "5"]
+  monkeypatch.setattr(data.TrainIterator, "__next__", original_next)
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  step, resumed, position = _final_state(config, str(tmp_path))
+  _, uninterrupted, expected_position = _final_state(config, workdir)
+  assert step == 20 and position == expected_position
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert metrics == expected_metrics
+
+
+def test_eval_mode_reproduces_the_last_training_evaluation(trained):
+  config, workdir, metrics = trained
+  result = train.evaluate(config, workdir)
+  assert result.pop("step") == 20
+  assert result == metrics
+
+
+def test_sample_mode_writes_images_and_reverse_process_gif(trained):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.sample.gif = True
+  config.sample.sampler = "ddim"
+  config.sample.checkpoint_step = 15
+  paths = train.sample(config, workdir)
+  images = np.load(paths["npy"])
+  assert images.shape == (4, 8, 8, 1) and images.min() >= 0 and images.max() < 17
+  assert "step_00000015_ddim6" in paths["png"] and Image.open(paths["png"]).size[0] >= 256
+  gif = Image.open(paths["gif"])
+  assert gif.n_frames == 4  # 3 progressive predictions + the final samples
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.dataset", "cifar11", "unknown data.dataset 'cifar11'"),
+    ("training.num_steps", 0, "training.num_steps must be a positive integer, got 0"),
+    ("training.batch_size", -8, "training.batch_size must be a positive integer"),
+    ("sample.sampler", "euler", "sample.sampler must be one of"),
+])
+def test_bad_config_fails_fast_with_a_one_line_error(tmp_path, field, value, message):
+  config = tiny_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert "\n" not in str(info.value)
+
+
+def test_batch_not_divisible_by_device_count_fails_fast(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  with pytest.raises(ValueError, match=r"training.batch_size=8 is not divisible by the 3 devices"):
+    train.validate_config(tiny_config(), str(tmp_path))
+
+
+def test_unwritable_workdir_fails_fast(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  with pytest.raises(ValueError, match="is not writable"):
+    train.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+def test_eval_without_checkpoint_names_the_fix(tmp_path):
+  with pytest.raises(ValueError, match="train first with --mode=train"):
+    train.evaluate(tiny_config(), str(tmp_path))
