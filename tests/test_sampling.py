@@ -89,13 +89,22 @@ def test_ancestral_step_with_true_noise_and_zero_noise_is_the_posterior_mean():
   eps = jax.random.normal(key_eps, f.shape)
   t, s = sorted(np.asarray(jax.random.uniform(key_t, (2,))), reverse=True)
   for gamma_fn in (schedules.fixed_linear(), schedules.cosine()):
+    _check_step_is_posterior_mean(gamma_fn, f, eps, t, s)
+
+
+def _check_step_is_posterior_mean(gamma_fn, f, eps, t, s):
+  @jax.jit
+  def step_and_posterior(f, eps):
     gamma_t = gamma_fn(jnp.full((3,), t))
     z_t = gaussian.sample_forward(f, gamma_t, eps)
     z_s = sampling.ancestral_step(lambda z, g: eps, gamma_fn, z_t, t, s, jnp.zeros_like(f))
-    mean, var = gaussian.posterior(z_t, f, gamma_fn(jnp.full((3,), s)), gamma_t)
-    np.testing.assert_allclose(z_s, mean, rtol=1e-5, atol=1e-5)
     ones = sampling.ancestral_step(lambda z, g: eps, gamma_fn, z_t, t, s, jnp.ones_like(f))
-    np.testing.assert_allclose(ones - z_s, jnp.broadcast_to(jnp.sqrt(var), f.shape), rtol=1e-4)
+    mean, var = gaussian.posterior(z_t, f, gamma_fn(jnp.full((3,), s)), gamma_t)
+    return z_s, ones, mean, jnp.broadcast_to(jnp.sqrt(var), f.shape)
+
+  z_s, ones, mean, std = step_and_posterior(f, eps)
+  np.testing.assert_allclose(z_s, mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ones - z_s, std, rtol=1e-4)
 
 
 def test_ancestral_step_matches_the_reference_sample_step(reference_dir):
@@ -142,13 +151,13 @@ def test_ddim_with_eta_one_is_the_ancestral_step():
 def test_ddim_with_eta_zero_is_deterministic_and_ignores_step_noise():
   eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
   key = _fresh_key()
-  a = sampling.ddim_sample(eps_fn, GAMMA_FN, key, (16, DIM), num_steps=20)
-  b = sampling.ddim_sample(eps_fn, GAMMA_FN, key, (16, DIM), num_steps=20)
+  sample = jax.jit(lambda k, eta: sampling.ddim_sample(eps_fn, GAMMA_FN, k, (16, DIM), num_steps=20, eta=eta))
+  a, b = sample(key, 0.0), sample(key, 0.0)
   z_1 = jax.random.normal(jax.random.split(key)[0], (16, DIM))
   c = sampling.ddim_decode(eps_fn, GAMMA_FN, z_1, num_steps=20)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
-  d = sampling.ddim_sample(eps_fn, GAMMA_FN, key, (16, DIM), num_steps=20, eta=0.5)
+  d = sample(key, 0.5)
   assert np.abs(np.asarray(d - a)).max() > 1e-3
 
 
@@ -192,7 +201,7 @@ def test_to_data_decodes_a_noiseless_latent_to_the_integers():
   x = jax.random.randint(_fresh_key(), (2, 4, 4, 3), 0, 256)
   f = 2 * (x + 0.5) / 256 - 1
   z_0 = gaussian.forward_marginal(f, GAMMA_FN(0.0))[0]
-  np.testing.assert_array_equal(sampling.to_data(z_0, GAMMA_FN), x)
+  np.testing.assert_array_equal(jax.jit(lambda z: sampling.to_data(z, GAMMA_FN))(z_0), x)
 
 
 def test_bad_options_raise_value_error():
