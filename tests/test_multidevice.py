@@ -1,0 +1,80 @@
+"""Eight forced CPU devices give the same training run as one device.
+
+The 8-device run happens in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must be set
+before JAX starts); the 1-device run happens in this process.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs 5 train steps (dropout on) and a sharded evaluation; saves losses, params, bpd.
+WORKER = r'''
+import sys
+import jax
+import numpy as np
+from configs import digits
+from vdm_jax import data, train
+
+def tiny_config():
+  config = digits.get_config()
+  config.model.n_embd, config.model.n_layer, config.model.dropout = 32, 1, 0.1
+  config.training.batch_size, config.training.num_steps = 8, 5
+  config.eval.batch_size, config.eval.num_examples = 8, 20
+  return config
+
+def run(out):
+  config = tiny_config()
+  setup = train.get_setup(config)
+  state = setup.init_state()
+  iterator = data.TrainIterator(data.load_digits("train"), batch_size=8, seed=0)
+  losses = []
+  for _ in range(5):
+    state, metrics = setup.train_step(state, setup.global_batch(next(iterator)))
+    losses.append(float(metrics["bpd"]))
+  bpd = setup.evaluate_params(state.ema_params, data.load_digits("test"))["bpd"]
+  try:
+    config.training.batch_size = 12
+    train.validate_config(config, "/tmp")
+    error = ""
+  except ValueError as e:
+    error = str(e)
+  leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
+  np.savez(out, losses=np.asarray(losses), bpd=bpd, devices=jax.device_count(), error=error,
+           **leaves)
+
+if __name__ == "__main__":
+  run(sys.argv[1])
+'''
+
+
+def test_eight_devices_match_one_device_after_five_steps(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, str(script), str(tmp_path / "eight.npz")], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  namespace = {"__name__": "worker"}
+  exec(compile(WORKER, "worker", "exec"), namespace)  # pylint: disable=exec-used
+  namespace["run"](str(tmp_path / "one.npz"))
+
+  one, eight = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
+  assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  np.testing.assert_allclose(eight["bpd"], one["bpd"], rtol=1e-5)
+  assert not np.allclose(one["losses"][0], one["losses"][-1])  # the runs did train
+  params = [k for k in one.files if k.isdigit()]
+  assert params
+  for k in params:
+    np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=1e-6 * np.abs(one[k]).max())
+  assert "training.batch_size=12 is not divisible by the 8 devices" in str(eight["error"])
+  assert str(one["error"]) == ""
