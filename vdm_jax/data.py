@@ -240,9 +240,11 @@ def eval_batches(source, *, batch_size, num_examples=0, process_index=0,
                  process_count=1) -> Iterator[dict[str, Any]]:
   """One deterministic pass in order over the first num_examples (0: all) examples.
 
-  Global batch b covers examples [b*B, (b+1)*B); process p yields its part of
-  np.array_split of those indices (the last batch may be smaller). With several
-  processes a final remainder smaller than the process count is dropped.
+  Global batch b covers examples [b*B, (b+1)*B); process p of P yields every
+  P-th of them starting at the p-th (the last batch may be smaller), so local
+  position j of process p is example b*B + j*P + p, the numbering that
+  vdm_jax.likelihood uses: the evaluation does not depend on P. With several
+  processes a final remainder smaller than P is dropped.
   """
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"eval batch_size must be a positive multiple of the process count "
@@ -254,7 +256,7 @@ def eval_batches(source, *, batch_size, num_examples=0, process_index=0,
       logging.warning("dropping the last %d eval examples (fewer than %d processes)",
                       len(indices), process_count)
       return
-    yield source.get(np.array_split(indices, process_count)[process_index])
+    yield source.get(indices[process_index::process_count])
 
 
 def categorical_baseline_bpd(train_images, test_images, *, vocab_size, pseudocount=1.0):
