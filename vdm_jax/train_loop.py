@@ -7,8 +7,6 @@ the computation and in checkpointing.
 import os
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +46,9 @@ def run(setup, sources, workdir):
   Returns:
     dict: the last evaluation's test metrics (bits/dim of the EMA params).
   """
+  # clu's TensorBoard writer imports TensorFlow: only training pays for it.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   config, t = setup.config, setup.config.training
   writer = metric_writers.create_default_writer(workdir, just_logging=not _is_chief())
   manager = _checkpoint_manager(setup, workdir)
