@@ -148,8 +148,11 @@ class Setup:
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
     # With gradient accumulation the parameters move once every k mini-batches.
     applied = (state.step + 1) % o.accumulation_steps == 0
-    ema = train_state.ema_update(state.ema_params, params, o.ema_decay)
-    ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state.ema_params)
+    if o.ema_decay == 0.0:  # no averaging: the EMA is the params themselves
+      ema = params
+    else:
+      ema = train_state.ema_update(state.ema_params, params, o.ema_decay)
+      ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state.ema_params)
     gamma_fn = self.model.gamma_fn(params)
     metrics = {"bpd": bpd, "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(state.step // o.accumulation_steps),
