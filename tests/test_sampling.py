@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import toy  # noqa: E402  (closed-form eps of Gaussian mixtures)
 
 GAMMA_FN = schedules.fixed_linear(-13.3, 5.0)
-MU, STD, DIM, NUM = 0.3, 0.5, 2, 8000
+MU, STD, DIM, NUM = 0.3, 0.5, 2, 6000
 
 
 def _fresh_key():
