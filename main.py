@@ -41,8 +41,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _initialize_distributed():
   if _COORDINATOR.value:
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in (jax.config.jax_platforms or ""):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU backend (no effect on GPU/TPU devices).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _DISTRIBUTED.value:
@@ -52,6 +52,11 @@ def _initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}; options are --flag=value")
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a file that failed to load raises here
+  except OSError as err:  # config_flags loads the file lazily and chains the cause
+    sys.exit("error: cannot load the --config file: " + " ".join(str(err.__cause__ or err).split()))
   from vdm_jax import train  # pylint: disable=g-import-not-at-top
   _initialize_distributed()
   logging.info("JAX process %d of %d, %d devices: %s", jax.process_index(),
@@ -59,7 +64,7 @@ def main(argv):
   run = {"train": train.train_and_evaluate, "eval": train.evaluate,
          "sample": train.sample}[_MODE.value]
   try:
-    result = run(_CONFIG.value, _WORKDIR.value)
+    result = run(config, _WORKDIR.value)
   except ValueError as err:
     sys.exit(f"error: {err}")
   logging.info("%s result: %s", _MODE.value, result)

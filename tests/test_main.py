@@ -63,6 +63,7 @@ def test_sample_mode_writes_images_and_gif_from_a_named_checkpoint(workdir):
 @pytest.mark.parametrize("flag, message", [
     ("--config.training.nmu_steps=3", 'a --config override names a field the config does not '
      'have: nmu_steps Did you mean "num_steps"'),
+    ("--config=configs/nope.py", "error: cannot load the --config file"),
     ("--config.data.dataset=cifar11", "error: unknown data.dataset 'cifar11'"),
     ("--config.training.num_steps=-1", "error: training.num_steps must be a positive integer"),
 ])
