@@ -1,0 +1,327 @@
+"""The VDM model object: a config tied to a score network and a noise schedule.
+
+`VDM(ModelConfig(...))` holds no parameters and no randomness; `init`
+returns a plain parameter dict in the layout of google-research/vdm
+({"score_model": ..., "gamma": ...}, "gamma" absent for fixed schedules) and
+`loss`, `gamma_fn`, `eps_fn` are pure functions of it, built on
+vdm_jax.losses (Kingma et al. 2021):
+
+  model = VDM(ModelConfig(image_shape=(32, 32, 3)))
+  params = model.init(key, x)
+  loss, metrics = model.loss(params, x, key)        # nats per example, [B]
+  z_0 = sampling.ancestral_sample(model.eps_fn(params), model.gamma_fn(params), key, shape)
+"""
+import dataclasses
+import math
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm_jax import decoders
+from vdm_jax import guidance
+from vdm_jax import losses
+from vdm_jax import nets
+from vdm_jax import schedules
+
+NETWORKS = ("score_unet", "unet", "dit")
+SCHEDULES = ("fixed_linear", "learned_linear", "learned_nnet", "learned_monotone", "cosine")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _fail(field, expected, given):
+  raise ValueError(f"ModelConfig.{field}: expected {expected}, given {given!r}")
+
+
+def _is_int(v):
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that defines a model; see each field. Validated on construction."""
+  vocab_size: int = 256
+  image_shape: Tuple[int, int, int] = (32, 32, 3)  # H, W, C
+  num_classes: int = 0  # 0 = unconditional; else labels in [0, num_classes), null = num_classes
+  network: str = "score_unet"  # "score_unet" | "unet" | "dit"
+  n_embd: int = 128  # score_unet/unet base width, DiT width
+  n_layer: int = 32  # score_unet: blocks; unet: blocks per resolution; dit: depth
+  with_attention: bool = False
+  with_fourier_features: bool = True
+  dropout: float = 0.1
+  channel_mult: Tuple[int, ...] = (1, 2, 2, 2)  # unet only
+  attention_resolutions: Tuple[int, ...] = (16,)  # unet only
+  patch_size: int = 2  # dit only
+  num_heads: int = 4  # dit only
+  schedule: str = "learned_linear"
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  num_steps: int = 0  # T: 0 = continuous time
+  antithetic: bool = True
+  variance_minimising: bool = False  # VDM appendix I.2, needs schedule="learned_monotone"
+  label_dropout: float = 0.1  # classifier-free guidance training
+  dtype: str = "float32"  # compute dtype; params and loss stay float32
+
+  def __post_init__(self):
+    object.__setattr__(self, "image_shape", tuple(self.image_shape))
+    object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+    object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+    self._check_basic()
+    self._check_network()
+
+  def _check_basic(self):
+    if not (_is_int(self.vocab_size) and self.vocab_size >= 2):
+      _fail("vocab_size", "an int >= 2", self.vocab_size)
+    if len(self.image_shape) != 3 or not all(_is_int(d) and d > 0 for d in self.image_shape):
+      _fail("image_shape", "(H, W, C) of positive ints", self.image_shape)
+    if not (_is_int(self.num_classes) and self.num_classes >= 0):
+      _fail("num_classes", "an int >= 0", self.num_classes)
+    if self.network not in NETWORKS:
+      _fail("network", f"one of {NETWORKS}", self.network)
+    if self.schedule not in SCHEDULES:
+      _fail("schedule", f"one of {SCHEDULES}", self.schedule)
+    if self.dtype not in DTYPES:
+      _fail("dtype", f"one of {tuple(DTYPES)}", self.dtype)
+    if not self.gamma_max > self.gamma_min:
+      _fail("gamma_max", f"> gamma_min = {self.gamma_min}", self.gamma_max)
+    if not (_is_int(self.num_steps) and self.num_steps >= 0):
+      _fail("num_steps", "an int >= 0 (0 = continuous time)", self.num_steps)
+    for name in ("dropout", "label_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        _fail(name, "a rate in [0, 1)", getattr(self, name))
+    if self.variance_minimising and self.schedule != "learned_monotone":
+      _fail("variance_minimising", "False unless schedule='learned_monotone'", True)
+    if self.variance_minimising and self.num_steps != 0:
+      _fail("num_steps", "0 (continuous time) with variance_minimising", self.num_steps)
+
+  def _check_network(self):
+    h, w, _ = self.image_shape
+    if not (_is_int(self.n_embd) and self.n_embd >= 4):
+      _fail("n_embd", "an int >= 4", self.n_embd)
+    if not (_is_int(self.n_layer) and self.n_layer >= 0):
+      _fail("n_layer", "an int >= 0", self.n_layer)
+    if self.network == "score_unet" and self.n_embd % 32:
+      _fail("n_embd", "a multiple of 32 (GroupNorm with 32 groups) for score_unet", self.n_embd)
+    if self.network == "unet":
+      if not self.channel_mult or not all(_is_int(m) and m > 0 for m in self.channel_mult):
+        _fail("channel_mult", "a non-empty tuple of positive ints", self.channel_mult)
+      factor = 2 ** (len(self.channel_mult) - 1)
+      if h % factor or w % factor:
+        _fail("image_shape", f"H, W divisible by {factor} for {len(self.channel_mult)} levels",
+              self.image_shape)
+    if self.network == "dit":
+      if not (_is_int(self.patch_size) and self.patch_size > 0) or h % self.patch_size or w % self.patch_size:
+        _fail("patch_size", f"a positive divisor of H={h} and W={w}", self.patch_size)
+      if not (_is_int(self.num_heads) and self.num_heads > 0) or self.n_embd % (4 * self.num_heads):
+        _fail("n_embd", f"a multiple of 4 * num_heads = {4 * self.num_heads} for dit", self.n_embd)
+
+
+def _build_network(c):
+  common = dict(n_embd=c.n_embd, n_layer=c.n_layer, with_fourier_features=c.with_fourier_features,
+                dropout=c.dropout, gamma_min=c.gamma_min, gamma_max=c.gamma_max,
+                num_classes=c.num_classes, dtype=DTYPES[c.dtype])
+  if c.network == "score_unet":
+    return nets.ScoreUNet(with_attention=c.with_attention, **common)
+  if c.network == "unet":
+    return nets.UNet(channel_mult=c.channel_mult, attention_resolutions=c.attention_resolutions,
+                     **common)
+  return nets.DiT(patch_size=c.patch_size, num_heads=c.num_heads, **common)
+
+
+def _build_schedule(c):
+  ends = dict(gamma_min=c.gamma_min, gamma_max=c.gamma_max)
+  if c.schedule == "fixed_linear":
+    return nets.FixedSchedule(schedules.fixed_linear(**ends))
+  if c.schedule == "cosine":
+    return nets.FixedSchedule(schedules.cosine(**ends))
+  if c.schedule == "learned_linear":
+    return nets.LearnedLinear(**ends)
+  if c.schedule == "learned_nnet":
+    return nets.LearnedNNet(**ends)
+  return nets.LearnedMonotone(**ends)
+
+
+def _concrete(a):
+  return a is not None and not isinstance(a, jax.core.Tracer)
+
+
+class VDM:
+  """A Variational Diffusion Model: pure functions of a parameter dict (see module doc)."""
+
+  def __init__(self, config):
+    if not isinstance(config, ModelConfig):
+      raise ValueError(f"VDM expects a ModelConfig, given {type(config).__name__}")
+    self.config = config
+    self.network = _build_network(config)
+    self.schedule = _build_schedule(config)
+    self.num_dims = int(np.prod(config.image_shape))
+
+  # Input checks -----------------------------------------------------------------------------
+
+  def check_x(self, x):
+    """Validates data x: integer [B, H, W, C] with values in [0, vocab_size); returns it."""
+    c, x = self.config, jnp.asarray(x) if not isinstance(x, jax.core.Tracer) else x
+    if x.ndim != 4 or tuple(x.shape[1:]) != c.image_shape:
+      raise ValueError(f"x must have shape [B, {', '.join(map(str, c.image_shape))}] "
+                       f"(image_shape), given shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"x must hold integers in [0, {c.vocab_size}), given dtype {x.dtype}")
+    if _concrete(x) and x.size and (int(x.min()) < 0 or int(x.max()) >= c.vocab_size):
+      raise ValueError(f"x values must lie in [0, vocab_size={c.vocab_size}), given "
+                       f"min {int(x.min())}, max {int(x.max())}")
+    return x
+
+  def check_labels(self, labels, batch, *, allow_null=False):
+    """Validates labels: int [B] in [0, num_classes) (or = num_classes if allow_null)."""
+    n = self.config.num_classes
+    if labels is None:
+      return None
+    if n == 0:
+      raise ValueError("labels were given but ModelConfig.num_classes is 0 (unconditional)")
+    labels = jnp.asarray(labels) if not isinstance(labels, jax.core.Tracer) else labels
+    if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise ValueError(f"labels must be integers of shape ({batch},), given {labels.dtype} "
+                       f"{tuple(labels.shape)}")
+    top = n + 1 if allow_null else n
+    if _concrete(labels) and labels.size and (int(labels.min()) < 0 or int(labels.max()) >= top):
+      raise ValueError(f"labels must lie in [0, {top}), given min {int(labels.min())}, "
+                       f"max {int(labels.max())}")
+    return labels
+
+  # Parameters and the two learned functions -------------------------------------------------
+
+  def init(self, key, x, labels=None):
+    """Parameters {"score_model": ..., "gamma": ...} (float32) for data shaped like x [B, H, W, C]."""
+    x = self.check_x(x)
+    labels = self.check_labels(labels, x.shape[0], allow_null=True)
+    key_net, key_gamma = jax.random.split(key)
+    z = jnp.zeros(x.shape, jnp.float32)
+    g = jnp.zeros((x.shape[0],), jnp.float32)
+    params = {"score_model": self.network.init(key_net, z, g, None, labels)["params"]}
+    gamma = self.schedule.init(key_gamma, g).get("params", {})
+    if gamma:
+      params["gamma"] = gamma
+    return params
+
+  def gamma_fn(self, params):
+    """t (scalar or [B]) -> gamma(t) of the same shape, float32."""
+    variables = {"params": params.get("gamma", {})}
+    return lambda t: self.schedule.apply(variables, t)
+
+  def _net(self, params, z_t, gamma_t, labels, conditioning, train=False, key=None):
+    rngs = {"dropout": key} if train else None
+    eps_hat = self.network.apply({"params": params["score_model"]}, z_t, gamma_t, conditioning,
+                                 labels, train=train, rngs=rngs)
+    return eps_hat.astype(jnp.float32)
+
+  def eps_fn(self, params, *, labels=None, guidance_weight=0.0, conditioning=None):
+    """Deterministic eps_fn(z_t [B, H, W, C], gamma_t scalar or [B]) -> eps_hat (float32).
+
+    With labels and guidance_weight w != 0 (classifier-free guidance):
+      eps = (1 + w) eps(z, c) - w eps(z, null).
+    labels=None with num_classes > 0 uses the null label (unconditional model).
+    conditioning: optional float [B], the reference's conditioning scalar.
+    """
+    if labels is not None:
+      labels = self.check_labels(labels, jnp.shape(labels)[0], allow_null=True)
+    guided = isinstance(guidance_weight, jax.core.Tracer) or guidance_weight != 0.0
+    if guided and labels is None:
+      raise ValueError("guidance_weight != 0 needs labels (classifier-free guidance)")
+    if guided:
+      cond = lambda z, g, y: self._net(params, z, g, y, None if conditioning is None
+                                       else jnp.concatenate([conditioning, conditioning]))
+      return guidance.classifier_free_guidance(cond, labels, self.config.num_classes,
+                                               guidance_weight)
+    return lambda z_t, gamma_t: self._net(params, z_t, gamma_t, labels, conditioning)
+
+  # The bound ----------------------------------------------------------------------------------
+
+  def _prepare(self, params, x, labels, conditioning, train, key):
+    """Checks inputs, applies label dropout, returns (x, eps_fn of the bound)."""
+    c = self.config
+    x = self.check_x(x)
+    labels = self.check_labels(labels, x.shape[0])
+    key_drop, key_label = jax.random.split(key)
+    if labels is not None and train and c.label_dropout > 0:
+      drop = jax.random.bernoulli(key_label, c.label_dropout, labels.shape)
+      labels = jnp.where(drop, c.num_classes, labels)
+    if conditioning is not None and jnp.shape(conditioning) != (x.shape[0],):
+      raise ValueError(f"conditioning must have shape ({x.shape[0]},), given "
+                       f"{jnp.shape(conditioning)}")
+    eps_fn = lambda z_t, g_t: self._net(params, z_t, g_t, labels, conditioning, train, key_drop)
+    return x, eps_fn
+
+  def _metrics(self, loss, terms):
+    metrics = {name: terms[name] for name in ("prior", "reconstruction", "diffusion")}
+    metrics["bpd"] = losses.bits_per_dim(loss, self.num_dims)
+    return loss, metrics
+
+  def loss(self, params, x, key, *, labels=None, train=True, conditioning=None):
+    r"""One-sample estimate of the VDM bound, -log p(x) <= prior + reconstruction + diffusion.
+
+    Draws eps0, t (antithetic if configured) and eps from `key` as vdm_jax.losses.vdm_loss
+    does; dropout and label dropout (train=True, probability label_dropout of the null
+    label) use keys split from it too. With variance_minimising the schedule's shape gets
+    the gradient of E[L_diff^2] (losses.variance_minimising_vdm_loss).
+
+    Args:
+      params: from `init`.
+      x: integer data in [0, vocab_size), [B, H, W, C].
+      key: PRNG key.
+      labels: int [B] in [0, num_classes) or None.
+      train: enables dropout and label dropout.
+      conditioning: optional float [B], the reference's conditioning scalar.
+
+    Returns:
+      (loss [B], metrics): nats per example summed over H, W, C; metrics holds [B] arrays
+      "prior", "reconstruction", "diffusion" (nats) and "bpd" (bits per dimension).
+    """
+    c = self.config
+    key_noise, key_net = jax.random.split(key)
+    x, eps_fn = self._prepare(params, x, labels, conditioning, train, key_net)
+    if c.variance_minimising:
+      gamma_0, gamma_1, shape_fn = self._split_schedule(params)
+      loss, terms = losses.variance_minimising_vdm_loss(
+          eps_fn, gamma_0, gamma_1, shape_fn, x, key_noise, antithetic=c.antithetic,
+          vocab_size=c.vocab_size)
+    else:
+      loss, terms = losses.vdm_loss(eps_fn, self.gamma_fn(params), x, key_noise,
+                                    num_steps=c.num_steps, antithetic=c.antithetic,
+                                    vocab_size=c.vocab_size)
+    return self._metrics(loss, terms)
+
+  def loss_from_noise(self, params, x, t, eps, eps0, *, labels=None, conditioning=None,
+                      train=False, key=None):
+    r"""The bound's terms for given times t [B] and noises eps, eps0 [B, H, W, C].
+
+    Deterministic unless train=True (then `key` drives dropout and label dropout).
+    Same value as `loss` with those draws; returns (loss [B], metrics) as `loss` does.
+    """
+    c = self.config
+    if train and key is None:
+      raise ValueError("loss_from_noise with train=True needs a key (dropout)")
+    key = jax.random.PRNGKey(0) if key is None else key
+    x, eps_fn = self._prepare(params, x, labels, conditioning, train, key)
+    if c.variance_minimising:
+      gamma_0, gamma_1, shape_fn = self._split_schedule(params)
+      loss, terms = losses.variance_minimising_vdm_loss_from_noise(
+          eps_fn, gamma_0, gamma_1, shape_fn, x, t, eps, eps0, vocab_size=c.vocab_size)
+    else:
+      loss, terms = losses.vdm_loss_from_noise(eps_fn, self.gamma_fn(params), x, t, eps, eps0,
+                                               num_steps=c.num_steps, vocab_size=c.vocab_size)
+    return self._metrics(loss, terms)
+
+  def _split_schedule(self, params):
+    """(gamma_0, gamma_1, shape_fn) of the learned_monotone schedule."""
+    variables = {"params": params["gamma"]}
+    gamma_0, gamma_1 = self.schedule.apply(variables, method="endpoints")
+    shape_fn = lambda t: self.schedule.apply(variables, t, method="shape")
+    return gamma_0, gamma_1, shape_fn
+
+  # Decoding -----------------------------------------------------------------------------------
+
+  def decode(self, params, z_0, *, key=None):
+    """Integers x [B, H, W, C] from the latent z_0: argmax of p(x | z_0), or a sample with key."""
+    gamma_0 = self.gamma_fn(params)(jnp.zeros(()))
+    return decoders.decode(z_0, gamma_0, key=key, vocab_size=self.config.vocab_size)
