@@ -52,7 +52,10 @@ def test_cifar10_config_is_the_vdm_paper_setup():
 
 
 def _tiny(config, tmp_path):
-  config.model.n_embd, config.model.n_layer, config.model.with_attention = 32, 1, False
+  m = config.model
+  m.n_embd, m.n_layer, m.with_attention, m.with_fourier_features = 32, 0, False, False
+  if m.network == "unet":
+    m.n_layer, m.channel_mult, m.attention_resolutions = 1, (1, 2), ()
   config.training.batch_size = 2
   if config.data.dataset == "image_folder":
     rng = np.random.default_rng()

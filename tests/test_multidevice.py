@@ -23,7 +23,7 @@ from vdm_jax import data, train
 
 def tiny_config():
   config = digits.get_config()
-  config.model.n_embd, config.model.n_layer, config.model.dropout = 32, 1, 0.1
+  config.model.n_embd, config.model.n_layer, config.model.dropout = 32, 0, 0.1
   config.training.batch_size, config.training.num_steps = 8, 5
   config.eval.batch_size, config.eval.num_examples = 8, 20
   return config

@@ -19,7 +19,7 @@ from vdm_jax import train_state
 def tiny_config(num_steps=20):
   config = digits.get_config()
   config.model.n_embd = 32
-  config.model.n_layer = 1
+  config.model.n_layer = 0
   config.model.with_fourier_features = False
   config.training.num_steps = num_steps
   config.training.batch_size = 8
