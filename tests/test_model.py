@@ -1,0 +1,163 @@
+"""vdm_jax.model: config validation, init layout, the bound, guidance, input checks."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import losses
+from vdm_jax import model as model_lib
+
+TINY = dict(image_shape=(8, 8, 3), n_embd=32, n_layer=0, with_fourier_features=False,
+            dropout=0.0)
+
+
+def _model(**kw):
+  return model_lib.VDM(model_lib.ModelConfig(**{**TINY, **kw}))
+
+
+def _x(rng, batch=2, vocab=256):
+  return rng.integers(0, vocab, (batch, 8, 8, 3)).astype(np.int32)
+
+
+def _random_params(model, rng):
+  """Random float32 params shaped as model.init's, drawn with numpy (no compilation)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, *model.config.image_shape), jnp.int32))
+
+  def draw(path, leaf):
+    names = [getattr(k, "key", "") for k in path]
+    if names[0] == "gamma":  # keep the schedule at its init (reasonable endpoints)
+      return None
+    scale = 1 / math.sqrt(np.prod(leaf.shape[:-1])) if names[-1] == "kernel" else 0.05
+    offset = 1.0 if names[-1] == "scale" else 0.0
+    return (offset + scale * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(draw, shapes)
+  if "gamma" in shapes:
+    params["gamma"] = model.schedule.init(jax.random.PRNGKey(0), jnp.zeros(1))["params"]
+  return params
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("vocab_size", 1, "vocab_size"), ("image_shape", (8, 8), "image_shape"),
+    ("network", "resnet", "network"), ("schedule", "sqrt", "schedule"),
+    ("dtype", "float64", "dtype"), ("gamma_max", -20.0, "gamma_max"),
+    ("num_steps", -1, "num_steps"), ("dropout", 1.0, "dropout"),
+    ("variance_minimising", True, "variance_minimising"), ("n_embd", 48, "n_embd"),
+])
+def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
+  with pytest.raises(ValueError, match=rf"ModelConfig\.{words}.*given {value!r}".replace("(", r"\(")
+                     .replace(")", r"\)")):
+    model_lib.ModelConfig(**{**TINY, field: value})
+
+
+def test_network_specific_geometry_is_validated():
+  with pytest.raises(ValueError, match="image_shape.*divisible by 8"):
+    model_lib.ModelConfig(**{**TINY, "network": "unet", "image_shape": (12, 12, 3)})
+  with pytest.raises(ValueError, match="patch_size"):
+    model_lib.ModelConfig(**{**TINY, "network": "dit", "patch_size": 3})
+  with pytest.raises(ValueError, match="ModelConfig"):
+    model_lib.VDM({"n_embd": 32})
+
+
+@pytest.mark.parametrize("schedule, has_gamma", [("fixed_linear", False), ("cosine", False),
+                                                 ("learned_linear", True), ("learned_nnet", True),
+                                                 ("learned_monotone", True)])
+@pytest.mark.parametrize("network", ["score_unet", "unet", "dit"])
+def test_init_returns_float32_params_in_the_reference_layout(schedule, has_gamma, network):
+  m = _model(schedule=schedule, network=network, channel_mult=(1, 2), num_classes=3)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.int32)
+  params = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
+  assert set(params) == ({"score_model", "gamma"} if has_gamma else {"score_model"})
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+  assert "label_emb" in params["score_model"]
+
+
+def test_at_init_the_score_unet_predicts_its_input_and_the_bound_is_consistent():
+  rng = np.random.default_rng()
+  m = _model()
+  x = _x(rng)
+  key = jax.random.PRNGKey(rng.integers(2**31))
+  params = jax.jit(m.init)(key, x)
+  z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  np.testing.assert_array_equal(m.eps_fn(params)(z, jnp.float32(0.3)), z)
+  loss, metrics = jax.jit(lambda p, x, k: m.loss(p, x, k))(params, x, key)
+  assert loss.shape == (2,) and set(metrics) == {"prior", "reconstruction", "diffusion", "bpd"}
+  np.testing.assert_allclose(loss, metrics["prior"] + metrics["reconstruction"]
+                             + metrics["diffusion"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["bpd"], loss / (192 * math.log(2)), rtol=1e-6)
+  # Same draws as the core's vdm_loss (key split: noise first).
+  key_noise, _ = jax.random.split(key)
+  core, _ = losses.vdm_loss(m.eps_fn(params), m.gamma_fn(params), x, key_noise)
+  np.testing.assert_allclose(loss, core, rtol=1e-5)
+
+
+def test_loss_is_float32_with_bfloat16_compute():
+  m = _model(dtype="bfloat16", num_classes=4)
+  params = _random_params(m, np.random.default_rng())
+  loss, metrics = jax.eval_shape(lambda p, x, k: m.loss(p, x, k, labels=jnp.zeros(2, jnp.int32)),
+                                 params, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.uint8),
+                                 jax.random.PRNGKey(0))
+  assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+
+
+def test_guided_eps_is_the_cfg_combination_of_conditional_and_null_predictions():
+  rng = np.random.default_rng()
+  m = _model(n_embd=64, num_classes=5)
+  params = _random_params(m, rng)
+  z = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+  labels, w, g = jnp.array([1, 4]), 1.5, jnp.array([-3.0, 1.0])
+  eps_c = m.eps_fn(params, labels=labels)(z, g)
+  eps_null = m.eps_fn(params)(z, g)
+  assert float(jnp.max(jnp.abs(eps_c - eps_null))) > 1e-3
+  guided = m.eps_fn(params, labels=labels, guidance_weight=w)(z, g)
+  np.testing.assert_allclose(guided, (1 + w) * eps_c - w * eps_null, atol=1e-4)
+
+
+def test_variance_minimising_keeps_the_value_and_gives_the_shape_the_second_moment_gradient():
+  rng = np.random.default_rng()
+  m_vm = _model(schedule="learned_monotone", variance_minimising=True)
+  m = model_lib.VDM(dataclasses.replace(m_vm.config, variance_minimising=False))
+  params = _random_params(m, rng)
+  x, t = _x(rng), jnp.asarray(rng.uniform(0.05, 0.95, 2), jnp.float32)
+  eps, eps0 = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for _ in range(2))
+
+  def objective(model, power):
+    def f(p):
+      _, metrics = model.loss_from_noise(p, x, t, eps, eps0)
+      return jnp.sum(metrics["diffusion"] ** power)
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  value_vm, grad_vm = objective(m_vm, 1)
+  value, grad = objective(m, 1)
+  _, grad_sq = objective(m, 2)
+  np.testing.assert_allclose(value_vm, value, rtol=1e-5)
+  for leaf in ("b", "w"):  # endpoints keep the ordinary gradient
+    np.testing.assert_allclose(grad_vm["gamma"][leaf], grad["gamma"][leaf], rtol=1e-4)
+  # The shape net gets d sum(L^2) (2 L ~ 1e3 times the ordinary gradient); float32 rounding
+  # of the tiny l2 gradients allows agreement to about 1% of the leaf's largest entry.
+  for a, b in zip(jax.tree.leaves(grad_vm["gamma"]["l2"]), jax.tree.leaves(grad_sq["gamma"]["l2"])):
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(b))))
+
+
+def test_bad_data_and_labels_raise_saying_expected_and_given():
+  rng = np.random.default_rng()
+  m = _model(num_classes=3)
+  init = lambda x, labels=None: m.init(jax.random.PRNGKey(0), x, labels)
+  with pytest.raises(ValueError, match=r"shape \[B, 8, 8, 3\].*given shape \(8, 8, 3\)"):
+    init(_x(rng)[0])
+  with pytest.raises(ValueError, match=r"given shape \(2, 8, 8, 1\)"):
+    init(_x(rng)[..., :1])
+  with pytest.raises(ValueError, match="integers.*given dtype float32"):
+    init(_x(rng).astype(np.float32))
+  with pytest.raises(ValueError, match=r"vocab_size=16.*max 2\d\d"):
+    _model(vocab_size=16).check_x(np.full((1, 8, 8, 3), 255))
+  with pytest.raises(ValueError, match=r"\[0, 3\), given min 0, max 3"):
+    m.check_labels(np.array([0, 3]), 2)
+  with pytest.raises(ValueError, match=r"shape \(2,\), given int\d+ \(3,\)"):
+    m.check_labels(np.array([0, 1, 2]), 2)
+  with pytest.raises(ValueError, match="num_classes is 0"):
+    _model().check_labels(np.array([0, 1]), 2)
