@@ -197,8 +197,9 @@ _SETUPS = {}
 
 
 def get_setup(config):
-  """The Setup of `config`, reused (with its compiled steps) for an identical config."""
-  key = (config.to_json_best_effort(sort_keys=True), tuple(jax.devices()))
+  """The Setup of `config`, reused (with its compiled steps) when all but config.data agree."""
+  fields = {k: v for k, v in config.to_dict().items() if k != "data"}
+  key = (repr(sorted(fields.items())), tuple(jax.devices()))
   if key not in _SETUPS:
     _SETUPS[key] = Setup(config)
   return _SETUPS[key]
