@@ -19,6 +19,7 @@ of [B] arrays (e.g. "prior", "reconstruction", "diffusion") that sum to loss.
 For a model: `functools.partial(model_loss, train=False)` adapted to take the
 batch dict; for an eps_fn / gamma_fn pair: `loss_fn_from_eps`.
 """
+import functools
 import math
 
 import jax
@@ -57,6 +58,12 @@ def _masked_sums(loss_fn, num_time_samples, params, batch, index, mask, key):
   sums["loss_squared"] = jnp.sum(weight * jnp.square(loss))
   sums["count"] = jnp.sum(weight)
   return sums
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_sums(loss_fn, num_time_samples):
+  """One compiled pass step per (loss_fn, K), so repeated evaluations do not recompile."""
+  return jax.jit(lambda p, b, i, m, k: _masked_sums(loss_fn, num_time_samples, p, b, i, m, k))
 
 
 def _pad(array, size):
@@ -98,7 +105,7 @@ def evaluate_bpd(loss_fn, batches, key, *, params=None, num_time_samples=1, mesh
   mesh = Mesh(np.asarray(jax.devices()), ("data",)) if mesh is None else mesh
   data_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-  step = jax.jit(lambda p, b, i, m, k: _masked_sums(loss_fn, num_time_samples, p, b, i, m, k))
+  step = _jitted_sums(loss_fn, num_time_samples)
   local_devices = mesh.devices.size // jax.process_count()
   totals, seen, padded_size, num_dims = {}, 0, 0, None
 
