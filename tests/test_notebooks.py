@@ -40,7 +40,7 @@ def kernel(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("VDM_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in Colab
   monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
   return KERNEL_NAME
 
