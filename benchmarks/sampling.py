@@ -8,7 +8,7 @@ ScoreUNet (n_embd 32, n_layer 2, attention, 8x8x3; random parameters), and the
 overhead ratio  time(ancestral, N steps) / (N * time(one jitted forward)), goal <= 1.05.
 Quality: energy distance and sliced Wasserstein-1 between 4000 sampler outputs and
 4000 exact samples of z_0 for a 2-D mixture with the closed-form optimal eps_hat
-(benchmarks/toy.py). Results are printed and appended as JSON lines to
+(vdm_jax/toy.py). Results are printed and appended as JSON lines to
 benchmarks/results/sampling.jsonl.
 """
 import argparse
@@ -16,17 +16,16 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import toy  # noqa: E402
-from vdm_jax import sampling, schedules  # noqa: E402
-from vdm_jax.nets import score_unet  # noqa: E402
+from vdm_jax import sampling
+from vdm_jax import schedules
+from vdm_jax import toy
+from vdm_jax.nets import score_unet
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sampling.jsonl"
 

@@ -1,7 +1,4 @@
 """Tests of vdm_jax.guidance: classifier-free guidance, slerp, reconstruction and interpolation."""
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +6,7 @@ import pytest
 
 from vdm_jax import guidance
 from vdm_jax import schedules
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import toy  # noqa: E402
+from vdm_jax import toy
 
 GAMMA_FN = schedules.fixed_linear()
 

@@ -1,7 +1,4 @@
 """Tests of vdm_jax.sampling / vdm_jax.ode against closed forms and the reference fixture."""
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +8,7 @@ from vdm_jax import gaussian
 from vdm_jax import ode
 from vdm_jax import sampling
 from vdm_jax import schedules
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import toy  # noqa: E402  (closed-form eps of Gaussian mixtures)
+from vdm_jax import toy
 
 GAMMA_FN = schedules.fixed_linear(-13.3, 5.0)
 MU, STD, DIM, NUM = 0.3, 0.5, 2, 6000

@@ -8,7 +8,8 @@ and the optimal (MMSE) noise prediction is
   r_k(z) = softmax_k(log w_k - D/2 log v_k - ||z - alpha mu_k||^2 / (2 v_k)).
 
 For one component this is eps_hat = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2).
-Used by the sampler tests and benchmarks/sampling.py.
+Exact answers to test samplers against; used by the sampler tests and
+benchmarks/sampling.py.
 """
 import jax
 import jax.numpy as jnp
