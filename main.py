@@ -18,6 +18,7 @@ Open MPI). The global batch (training.batch_size) is split over all devices
 of all processes and must be divisible by their number.
 """
 import re
+import signal
 import sys
 
 from absl import app
@@ -63,13 +64,22 @@ def main(argv):
                jax.process_count(), jax.device_count(), jax.devices())
   run = {"train": train.train_and_evaluate, "eval": train.evaluate,
          "sample": train.sample}[_MODE.value]
+  # A preemption's SIGTERM unwinds like an exception: pending checkpoint writes
+  # finish and the workdir lock is released (SIGKILL leaves a stale lock that
+  # the next run on this host takes over).
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
     result = run(config, _WORKDIR.value)
-  except ValueError as err:
+  except (ValueError, train.train_loop.TrainingError) as err:
     sys.exit(f"error: {err}")
   logging.info("%s result: %s", _MODE.value, result)
   if jax.process_index() == 0:
     print(f"{_MODE.value}: {result}")
+
+
+def _exit_on_sigterm(signum, frame):
+  del frame
+  sys.exit(128 + signum)
 
 
 def _parse_flags(argv):

@@ -95,8 +95,14 @@ def load_npz(path, split, *, test_fraction=0.1, split_seed=0):
   """
   if not os.path.isfile(path):
     raise ValueError(f"data.path must name an .npz file, got {path!r} (not a file)")
-  with np.load(path) as arrays:
-    arrays = dict(arrays)
+  try:
+    with np.load(path) as arrays:
+      arrays = dict(arrays)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"data.path {path!r} is not a readable .npz file "
+                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+  if not isinstance(arrays, dict):
+    raise ValueError(f"data.path {path!r} is a single array, not an .npz archive of arrays")
   if "image" not in arrays:
     raise ValueError(f"{path} must contain an 'image' array [N,H,W,C], found keys {sorted(arrays)}")
   for key in ("image", "test_image"):
@@ -182,6 +188,35 @@ def load_source(dataset, split, *, data_dir="", path="", image_shape=(32, 32, 3)
   if dataset in TFDS_DATASETS:
     return load_tfds(dataset, split, data_dir=data_dir)
   raise ValueError(f"unknown data.dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+
+
+def check_source(source, *, split, image_shape, vocab_size, num_classes=0):
+  """ValueError unless the images are int [N, *image_shape] in [0, vocab_size) and labels fit.
+
+  In-memory sources are checked whole; other sources on their first 8 examples.
+  Labels must lie in [0, num_classes) when num_classes > 0.
+  """
+  if isinstance(source, ArraySource):
+    images, labels = source.images, source.labels
+  else:
+    sample = source.get(np.arange(min(8, len(source))))
+    images, labels = sample["image"], sample["label"]
+  images, labels = np.asarray(images), np.asarray(labels)
+  where = f"the {split} images"
+  if len(images) == 0:
+    raise ValueError(f"{where} are empty")
+  if tuple(images.shape[1:]) != tuple(image_shape):
+    raise ValueError(f"{where} have shape {tuple(images.shape[1:])} but model.image_shape is "
+                     f"{tuple(image_shape)}")
+  if not np.issubdtype(images.dtype, np.integer):
+    raise ValueError(f"{where} must be integers in [0, {vocab_size}), got dtype {images.dtype}")
+  low, high = int(images.min()), int(images.max())
+  if low < 0 or high >= vocab_size:
+    raise ValueError(f"{where} have values in [{low}, {high}] but model.vocab_size={vocab_size} "
+                     f"needs them in [0, {vocab_size - 1}]")
+  if num_classes > 0 and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"the {split} labels lie in [{labels.min()}, {labels.max()}] but "
+                     f"model.num_classes={num_classes} needs them in [0, {num_classes - 1}]")
 
 
 def _host_slice(global_batch, process_index, process_count):

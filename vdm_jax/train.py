@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vdm_jax import checkpoints
 from vdm_jax import data
 from vdm_jax import likelihood
 from vdm_jax import model as model_lib
@@ -31,27 +32,64 @@ def _require(ok, message):
     raise ValueError(message)
 
 
-def validate_config(config, workdir):
-  """Fails fast (before any compile) with a one-line ValueError naming the fix."""
-  num_devices, num_hosts = jax.device_count(), jax.process_count()
+def _is_int(value):
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value):
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _validate_training(config):
   t, e, s = config.training, config.eval, config.sample
-  _require(config.data.dataset in data.DATASETS,
-           f"unknown data.dataset {config.data.dataset!r}; expected one of "
-           f"{', '.join(data.DATASETS)}")
   for name, value in (("training.num_steps", t.num_steps), ("training.batch_size", t.batch_size),
                       ("training.log_every", t.log_every),
                       ("training.checkpoint_every", t.checkpoint_every),
                       ("training.keep_checkpoints", t.keep_checkpoints),
+                      ("training.max_nonfinite_steps",
+                       t.get("max_nonfinite_steps", train_loop.DEFAULT_MAX_NONFINITE_STEPS)),
                       ("eval.batch_size", e.batch_size), ("sample.num_steps", s.num_steps),
                       ("sample.num_images", s.num_images)):
-    _require(value > 0, f"{name} must be a positive integer, got {value}")
-  _require(t.eval_every >= 0, f"training.eval_every must be >= 0 (0: only at the end), "
-           f"got {t.eval_every}")
-  for name, value in (("training.batch_size", t.batch_size), ("eval.batch_size", e.batch_size)):
+    _require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+  _require(_is_int(t.eval_every) and t.eval_every >= 0, f"training.eval_every must be an "
+           f"integer >= 0 (0: only at the end), got {t.eval_every!r}")
+  _require(_is_int(e.num_examples) and e.num_examples >= 0,
+           f"eval.num_examples must be an integer >= 0 (0: all), got {e.num_examples!r}")
+  _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+
+
+def _validate_optimizer(config):
+  o = config.optimizer
+  for name in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm",
+               "ema_decay"):
+    _require(_is_number(o[name]), f"optimizer.{name} must be a number, got {o[name]!r}")
+  _require(o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
+  for name in ("b1", "b2", "ema_decay"):
+    _require(0.0 <= o[name] < 1.0, f"optimizer.{name} must be in [0, 1), got {o[name]}")
+  for name in ("eps", "weight_decay", "grad_clip_norm"):
+    _require(o[name] >= 0, f"optimizer.{name} must be >= 0, got {o[name]}")
+  _require(_is_int(o.warmup_steps) and o.warmup_steps >= 0,
+           f"optimizer.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
+  _require(_is_int(o.accumulation_steps) and o.accumulation_steps >= 1,
+           f"optimizer.accumulation_steps must be an integer >= 1, got {o.accumulation_steps!r}")
+  _require(o.decay in ("constant", "cosine"),
+           f"optimizer.decay must be 'constant' or 'cosine', got {o.decay!r}")
+
+
+def validate_config(config, workdir):
+  """Fails fast (before any compile) with a one-line ValueError naming the fix."""
+  num_devices, num_hosts = jax.device_count(), jax.process_count()
+  _require(config.data.dataset in data.DATASETS,
+           f"unknown data.dataset {config.data.dataset!r}; expected one of "
+           f"{', '.join(data.DATASETS)}")
+  _validate_training(config)
+  _validate_optimizer(config)
+  create_model(config)  # ModelConfig checks its own fields
+  for name in ("training.batch_size", "eval.batch_size"):
+    value = config[name.split(".")[0]].batch_size
     _require(value % num_devices == 0 and value % num_hosts == 0,
              f"{name}={value} is not divisible by the {num_devices} devices "
              f"({num_hosts} processes); set --config.{name} to a multiple of {num_devices}")
-  _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -144,6 +182,11 @@ class Setup:
       return jnp.mean(self._bpd(loss)), terms
 
     (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # A step with a NaN/Inf loss or gradient is skipped: params, EMA and optimizer
+    # state stay as they were; only the step counter (hence the batch) moves on.
+    finite = jnp.isfinite(bpd) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
     # With gradient accumulation the parameters move once every k mini-batches.
@@ -160,8 +203,11 @@ class Setup:
                "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(())))}
     for name in ("prior", "reconstruction", "diffusion"):
       metrics[f"bpd_{name}"] = jnp.mean(self._bpd(terms[name]))
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                              opt_state=opt_state)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              ema_params=keep(ema, state.ema_params),
+                              opt_state=keep(opt_state, state.opt_state))
     return new_state, metrics
 
   def _eval_loss(self, params, batch, key):
@@ -208,14 +254,21 @@ def get_setup(config):
 def load_sources(config, splits=("train", "test")):
   """{split: random-access source} for config.data."""
   d = config.data
-  return {split: data.load_source(d.dataset, split, data_dir=d.data_dir, path=d.path,
-                                  image_shape=tuple(config.model.image_shape),
-                                  test_fraction=d.test_fraction, split_seed=d.split_seed)
-          for split in splits}
+  sources = {split: data.load_source(d.dataset, split, data_dir=d.data_dir, path=d.path,
+                                     image_shape=tuple(config.model.image_shape),
+                                     test_fraction=d.test_fraction, split_seed=d.split_seed)
+             for split in splits}
+  for split, source in sources.items():
+    data.check_source(source, split=split, image_shape=tuple(config.model.image_shape),
+                      vocab_size=config.model.vocab_size, num_classes=config.model.num_classes)
+  return sources
 
 
 def train_and_evaluate(config, workdir):
   """Trains (resuming from workdir/checkpoints if any), evaluates, samples.
+
+  Process 0 holds workdir/LOCK meanwhile: a second trainer on the same workdir
+  fails with a ValueError instead of interleaving checkpoints.
 
   Returns:
     dict of the last evaluation's metrics (test bits/dim, EMA params).
@@ -223,7 +276,10 @@ def train_and_evaluate(config, workdir):
   validate_config(config, workdir)
   sources = load_sources(config)
   setup = get_setup(config)
-  return train_loop.run(setup, sources, workdir)
+  if jax.process_index() != 0:  # the processes of one run share the workdir
+    return train_loop.run(setup, sources, workdir)
+  with checkpoints.WorkdirLock(workdir):
+    return train_loop.run(setup, sources, workdir)
 
 
 def evaluate(config, workdir):

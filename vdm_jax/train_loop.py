@@ -40,8 +40,71 @@ def _write_train_metrics(writer, step, pending):
   writer.write_scalars(step, {f"train/{k}": float(v) for k, v in means.items()})
 
 
+class TrainingError(RuntimeError):
+  """Training stopped for a reason other than bad input (divergence, full disk)."""
+
+
+DEFAULT_MAX_NONFINITE_STEPS = 10
+
+
+class _NonfiniteCounter:
+  """Counts consecutive skipped (NaN/Inf) steps, reading each flag one step late.
+
+  Reading the flag of step i after step i+1 was dispatched keeps the device busy.
+  """
+
+  def __init__(self, limit):
+    self.limit, self.consecutive, self.total, self._last = limit, 0, 0, None
+
+  def update(self, step, flag):
+    """Takes step `step`'s device flag; checks the previous one."""
+    previous, self._last = self._last, (step, flag)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self):
+    if self._last is not None:
+      self._check(*self._last)
+      self._last = None
+
+  def _check(self, step, flag):
+    if float(flag) == 0.0:
+      self.consecutive = 0
+      return
+    self.consecutive += 1
+    self.total += 1
+    logging.warning("step %d: non-finite loss or gradient; step skipped (params unchanged), "
+                    "%d in a row, %d in all", step, self.consecutive, self.total)
+    if self.consecutive >= self.limit:
+      raise TrainingError(
+          f"training diverged: {self.consecutive} consecutive steps up to step {step} had a "
+          f"non-finite loss or gradient (training.max_nonfinite_steps={self.limit}); lower "
+          f"optimizer.learning_rate or check the data, then resume from the last checkpoint")
+
+
+def _save(manager, step, state, data_state):
+  """checkpoints.save, with a full disk turned into a TrainingError."""
+  logging.info("saving checkpoint %d", step)
+  try:
+    checkpoints.save(manager, step, state, data_state)
+  except Exception as err:  # pylint: disable=broad-except
+    _raise_if_disk_full(err, manager)
+    raise
+
+
+def _raise_if_disk_full(err, manager):
+  if checkpoints.is_disk_full(err):
+    raise TrainingError(f"no disk space left to write a checkpoint in {manager.directory} "
+                        f"({err}); free disk space and resume: the previous checkpoints "
+                        f"{sorted(manager.all_steps())} are kept") from None
+
+
 def run(setup, sources, workdir):
   """Trains to config.training.num_steps, resuming from the newest loadable checkpoint.
+
+  A step with a non-finite loss or gradient is skipped (see Setup.train_step);
+  after training.max_nonfinite_steps of them in a row a TrainingError stops
+  the run without saving.
 
   Returns:
     dict: the last evaluation's test metrics (bits/dim of the EMA params).
@@ -50,43 +113,55 @@ def run(setup, sources, workdir):
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   config, t = setup.config, setup.config.training
-  writer = metric_writers.create_default_writer(workdir, just_logging=not _is_chief())
   manager = _checkpoint_manager(setup, workdir)
+  try:
+    restored = checkpoints.restore(manager, setup.abstract_state())
+  except BaseException:
+    manager.close()
+    raise
   iterator = data.TrainIterator(sources["train"], batch_size=t.batch_size, seed=config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-  restored = checkpoints.restore(manager, setup.abstract_state())
   if restored is None:
     start, state = 0, setup.init_state()
   else:
     start, state, data_state = restored
     iterator.set_state(data_state)
     logging.info("resumed from checkpoint %d (data position %s)", start, data_state)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not _is_chief())
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   baseline = _baseline(sources, config.model.vocab_size)
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
                                            every_steps=t.log_every)
+  nonfinite = _NonfiniteCounter(t.get("max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS))
   eval_metrics, pending = {}, []
   try:
     for step in range(start, t.num_steps):
       state, metrics = setup.train_step(state, setup.global_batch(next(iterator)))
       pending.append(metrics)
       done = step + 1
+      nonfinite.update(done, metrics["nonfinite"])
       report(done)
       if done % t.log_every == 0 or done == t.num_steps:
         _write_train_metrics(writer, done, pending)
         pending = []
       if (t.eval_every and done % t.eval_every == 0) or done == t.num_steps:
+        nonfinite.flush()
         with report.timed("eval"):
           eval_metrics = evaluate_and_draw(setup, state, sources["test"], done, workdir,
                                            writer, baseline)
       if done % t.checkpoint_every == 0 or done == t.num_steps:
-        checkpoints.save(manager, done, state, iterator.get_state())
+        nonfinite.flush()
+        _save(manager, done, state, iterator.get_state())
     if start >= t.num_steps:
       eval_metrics = setup.evaluate_params(state.ema_params, sources["test"])
+    try:
+      manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      _raise_if_disk_full(err, manager)
+      raise
   finally:
-    manager.wait_until_finished()
     manager.close()
     writer.flush()
   return eval_metrics
