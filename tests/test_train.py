@@ -9,31 +9,11 @@ import optax
 from PIL import Image
 import pytest
 
-from configs import digits
 from vdm_jax import checkpoints
 from vdm_jax import data
 from vdm_jax import train
 from vdm_jax import train_state
-
-
-def tiny_config(num_steps=20):
-  config = digits.get_config()
-  config.model.n_embd = 32
-  config.model.n_layer = 0
-  config.model.with_fourier_features = False
-  config.training.num_steps = num_steps
-  config.training.batch_size = 8
-  config.training.log_every = 5
-  config.training.eval_every = 0
-  config.training.checkpoint_every = 5
-  config.training.keep_checkpoints = 5
-  config.optimizer.warmup_steps = 2
-  config.eval.batch_size = 16
-  config.eval.num_examples = 24
-  config.sample.num_images = 4
-  config.sample.num_steps = 6
-  config.sample.gif_frames = 3
-  return config
+from train_helpers import tiny_config
 
 
 def _final_state(config, workdir):

@@ -1,0 +1,196 @@
+"""NaN/Inf robustness: skipped steps keep the state, K in a row stop training, no NaN is saved.
+
+NaN is injected through a wrapped model: a batch whose first pixel is -1 gets a
+NaN loss, -2 a finite loss with a NaN gradient. Also: loss and gradients of the
+whole model stay finite for gamma in [-30, 30] at pixels 0 and vocab-1, in
+float32 and bfloat16 (tests/test_losses.py covers the loss terms alone).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import checkpoints
+from vdm_jax import data
+from vdm_jax import model as model_lib
+from vdm_jax import train
+from vdm_jax import train_loop
+from train_helpers import tiny_config
+
+NAN_LOSS, NAN_GRAD = -1, -2
+
+
+@jax.custom_vjp
+def _nan_gradient_if(loss, poison):
+  return loss
+
+
+def _fwd(loss, poison):
+  return loss, poison
+
+
+def _bwd(poison, g):
+  return jnp.where(poison > 0, jnp.nan, 1.0) * g, jnp.zeros_like(poison)
+
+
+_nan_gradient_if.defvjp(_fwd, _bwd)
+
+
+class _PoisonedModel:
+  """A VDM whose loss is NaN (first pixel -1) or has a NaN gradient (first pixel -2)."""
+
+  def __init__(self, model):
+    self._model = model
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def loss(self, params, x, key, **kwargs):
+    flag = x.reshape(x.shape[0], -1)[:, 0]
+    loss, terms = self._model.loss(params, jnp.maximum(x, 0), key, **kwargs)
+    loss = jnp.where(jnp.any(flag == NAN_LOSS), jnp.nan, loss)
+    return _nan_gradient_if(loss, jnp.any(flag == NAN_GRAD).astype(jnp.float32)), terms
+
+
+@pytest.fixture(scope="module")
+def poisoned_setup():
+  setup = train.Setup(tiny_config())
+  setup.model = _PoisonedModel(setup.model)
+  return setup
+
+
+def _batch(poison=None):
+  batch = next(data.TrainIterator(data.load_digits("train"), batch_size=8,
+                                  seed=int(np.random.default_rng().integers(1 << 20))))
+  if poison is not None:
+    batch["image"][0, 0, 0, 0] = poison
+  return batch
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("poison", [NAN_LOSS, NAN_GRAD], ids=["nan_loss", "nan_gradient"])
+def test_nonfinite_step_keeps_params_ema_and_optimizer_state_and_advances_the_step(
+    poisoned_setup, poison):
+  setup = poisoned_setup
+  state = setup.init_state()
+  for _ in range(3):  # past the warm-up: a clean step would move everything
+    state, _ = setup.train_step(state, setup.global_batch(_batch()))
+  before = _host(state)
+  state, metrics = setup.train_step(state, setup.global_batch(_batch(poison)))
+  metrics = jax.device_get(metrics)
+  assert float(metrics["nonfinite"]) == 1.0
+  assert np.isfinite(metrics["bpd"]) == (poison == NAN_GRAD)
+  assert int(state.step) == int(before.step) + 1
+  _assert_trees_equal(_host((state.params, state.ema_params, state.opt_state, state.rng)),
+                      (before.params, before.ema_params, before.opt_state, before.rng))
+  moved, metrics = setup.train_step(state, setup.global_batch(_batch()))
+  assert float(jax.device_get(metrics["nonfinite"])) == 0.0
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_host(moved.params)),
+                                                       jax.tree.leaves(before.params)))
+
+
+def _poison_calls(monkeypatch, calls, value=NAN_LOSS):
+  """Makes TrainIterator's n-th batch (0-based, over all iterators) poisoned for n in `calls`."""
+  original, count = data.TrainIterator.__next__, [0]
+
+  def poisoned_next(self):
+    batch = original(self)
+    if count[0] in calls:
+      batch["image"][0, 0, 0, 0] = value
+    count[0] += 1
+    return batch
+  monkeypatch.setattr(data.TrainIterator, "__next__", poisoned_next)
+
+
+def _run_poisoned(setup, config, workdir, monkeypatch):
+  setup.config = config  # same model and optimizer: the compiled step is reused
+  monkeypatch.setattr(train, "get_setup", lambda _: setup)
+  monkeypatch.setattr(train_loop, "evaluate_and_draw", lambda *args: {"bpd": 0.0})
+  return train.train_and_evaluate(config, workdir)
+
+
+def test_isolated_nonfinite_steps_are_skipped_logged_and_training_finishes(
+    poisoned_setup, tmp_path, monkeypatch, caplog):
+  config = tiny_config(num_steps=10)
+  config.training.max_nonfinite_steps = 2
+  _poison_calls(monkeypatch, {2, 6, 7})  # steps 3, 7 and 8: 7 and 8 are 2 in a row
+  with pytest.raises(train_loop.TrainingError, match="2 consecutive steps up to step 8"):
+    _run_poisoned(poisoned_setup, config, str(tmp_path / "two"), monkeypatch)
+  config.training.max_nonfinite_steps = 3
+  _poison_calls(monkeypatch, {2, 6, 7}, NAN_GRAD)
+  with caplog.at_level("INFO"):
+    _run_poisoned(poisoned_setup, config, str(tmp_path / "three"), monkeypatch)
+  assert "step 3: non-finite loss or gradient; step skipped" in caplog.text
+  assert "step 8: non-finite loss or gradient; step skipped (params unchanged), 2 in a row, " \
+         "3 in all" in caplog.text
+  assert "train/nonfinite=0.2" in caplog.text  # steps 6..10: two of five skipped
+  manager = checkpoints.make_manager(tmp_path / "three" / "checkpoints")
+  step, state, _ = checkpoints.restore(manager, poisoned_setup.abstract_state())
+  manager.close()
+  assert step == 10 and int(state.step) == 10
+  assert checkpoints.first_nonfinite_leaf(state) is None
+
+
+def test_k_consecutive_nonfinite_steps_stop_with_one_line_error_and_save_nothing_more(
+    poisoned_setup, tmp_path, monkeypatch):
+  config = tiny_config(num_steps=30)
+  config.training.max_nonfinite_steps = 4
+  _poison_calls(monkeypatch, set(range(6, 100)))  # from step 7 on
+  with pytest.raises(train_loop.TrainingError) as info:
+    _run_poisoned(poisoned_setup, config, str(tmp_path), monkeypatch)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith("training diverged: 4 consecutive steps up to step 10 had a "
+                            "non-finite loss or gradient (training.max_nonfinite_steps=4)")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+  assert not os.path.exists(tmp_path / "LOCK")
+
+
+def test_a_state_with_nan_is_never_checkpointed_and_the_leaf_is_named(tmp_path):
+  rng = np.random.default_rng()
+  good = {"params": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+          "step": jnp.asarray(5, jnp.int32)}
+  bad = {"params": {"w": good["params"]["w"].at[1, 0].set(jnp.inf)}, "step": good["step"]}
+  manager = checkpoints.make_manager(tmp_path)
+  assert checkpoints.save(manager, 5, good, {})
+  with pytest.raises(ValueError, match=r"refusing to save checkpoint 6: the state has NaN/Inf "
+                     r"in params/w"):
+    checkpoints.save(manager, 6, bad, {})
+  manager.wait_until_finished()
+  assert manager.all_steps() == [5]
+  manager.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_loss_and_gradients_are_finite_for_gamma_in_pm30_at_extreme_pixels(dtype):
+  vocab = 17
+  model = model_lib.VDM(model_lib.ModelConfig(
+      vocab_size=vocab, image_shape=(8, 8, 1), n_embd=32, n_layer=0, dropout=0.0,
+      with_fourier_features=True, schedule="learned_linear", gamma_min=-30.0, gamma_max=30.0,
+      dtype=dtype))
+  rng = np.random.default_rng()
+  x = np.stack([np.zeros((8, 8, 1)), np.full((8, 8, 1), vocab - 1),
+                rng.choice([0, vocab - 1], (8, 8, 1))]).astype(np.int32)
+  params = model.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), x[:1])
+
+  def mean_loss(params, key):
+    loss, terms = model.loss(params, x, key, train=True)
+    return jnp.mean(loss), terms
+
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  (loss, terms), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params, key)
+  assert np.isfinite(loss) and loss > 0
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(terms))
+  assert checkpoints.first_nonfinite_leaf(grads) is None
+  gamma = jax.jit(model.gamma_fn(params))(jnp.asarray([0.0, 1.0]))
+  np.testing.assert_allclose(gamma, [-30.0, 30.0], rtol=1e-6)
