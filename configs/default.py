@@ -19,6 +19,7 @@ def model_config():
       n_layer=32,
       with_attention=False,
       with_fourier_features=True,
+      fourier_exponents=(6, 7),
       dropout=0.1,
       channel_mult=(1, 2, 2, 2),
       attention_resolutions=(16,),

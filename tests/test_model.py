@@ -47,6 +47,8 @@ def _random_params(model, rng):
     ("dtype", "float64", "dtype"), ("gamma_max", -20.0, "gamma_max"),
     ("num_steps", -1, "num_steps"), ("dropout", 1.0, "dropout"),
     ("variance_minimising", True, "variance_minimising"), ("n_embd", 48, "n_embd"),
+    ("fourier_exponents", (), "fourier_exponents"), ("fourier_exponents", (2.5,), "fourier_exponents"),
+    ("fourier_exponents", (-1, 3), "fourier_exponents"),
 ])
 def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
   with pytest.raises(ValueError, match=rf"ModelConfig\.{words}.*given {value!r}".replace("(", r"\(")

@@ -1,6 +1,7 @@
 """Score networks (vdm_jax.nets): shapes, zero inits, conditioning, low precision, bad input."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,47 @@ def test_fourier_features_repeat_each_channel_per_frequency():
   w = 2 * np.pi * 2.0 ** np.array([6, 7])
   arg = (z[..., :, None] * w).reshape(1, 2, 2, 6)  # [c0 n6, c0 n7, c1 n6, ...]
   np.testing.assert_allclose(feats, np.concatenate([np.sin(arg), np.cos(arg)], -1), atol=1e-4)
+
+
+def test_fourier_features_use_the_given_exponents():
+  z = np.random.randn(2, 3, 3, 2).astype(np.float32)
+  exponents = (2, 3, 5)
+  feats = np.asarray(layers.fourier_features(jnp.asarray(z), exponents=exponents))
+  arg = (z[..., :, None].astype(np.float64) * 2 * np.pi * 2.0 ** np.array(exponents))
+  arg = arg.reshape(2, 3, 3, 6)
+  np.testing.assert_allclose(feats, np.concatenate([np.sin(arg), np.cos(arg)], -1), atol=1e-4)
+
+
+@pytest.mark.parametrize("exponents", [(), (2.5,), [True]])
+def test_fourier_features_reject_bad_exponents(exponents):
+  with pytest.raises(ValueError, match="exponents.*ints"):
+    layers.fourier_features(jnp.zeros((1, 2, 2, 1)), exponents=exponents)
+
+
+FIRST_LAYER = {"score_unet": "conv_in", "unet": "conv_in", "dit": "patch_embed"}
+
+
+@pytest.mark.parametrize("name", ["unet", "dit", "score_unet"])
+def test_networks_feed_fourier_features_of_the_configured_exponents(name):
+  exponents = (int(np.random.randint(0, 4)), int(np.random.randint(4, 8)))
+  net = SMALL[name](fourier_exponents=exponents)
+  z = jnp.asarray(np.random.randn(2, 8, 8, 1).astype(np.float32))
+  seen = []
+
+  def record_first_layer_input(next_fun, args, kwargs, context):
+    if context.module.name == FIRST_LAYER[name] and context.method_name == "__call__":
+      seen.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  params = jax.eval_shape(net.init, _key(), z, jnp.zeros(2))
+  params = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01, s.dtype), params)
+  with nn.intercept_methods(record_first_layer_input):
+    net.apply(params, z, jnp.zeros(2))
+  w = 2 * np.pi * 2.0 ** np.array(exponents)
+  arg = (np.asarray(z)[..., :, None].astype(np.float64) * w).reshape(2, 8, 8, 2)
+  # float32 phases up to 2 pi 2^7 |z| ~ 2e3 carry ~1e-4 rounding error
+  np.testing.assert_allclose(seen[0], np.concatenate([z, np.sin(arg), np.cos(arg)], -1),
+                             atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["unet", "dit", "score_unet"])

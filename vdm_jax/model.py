@@ -49,6 +49,7 @@ class ModelConfig:
   n_layer: int = 32  # score_unet: blocks; unet: blocks per resolution; dit: depth
   with_attention: bool = False
   with_fourier_features: bool = True
+  fourier_exponents: Tuple[int, ...] = (6, 7)  # Fourier features' n (2 pi 2^n); ~log2(vocab_size / 2)
   dropout: float = 0.1
   channel_mult: Tuple[int, ...] = (1, 2, 2, 2)  # unet only
   attention_resolutions: Tuple[int, ...] = (16,)  # unet only
@@ -77,6 +78,10 @@ class ModelConfig:
       _fail("image_shape", "(H, W, C) of positive ints", self.image_shape)
     if not (_is_int(self.num_classes) and self.num_classes >= 0):
       _fail("num_classes", "an int >= 0", self.num_classes)
+    f = self.fourier_exponents
+    if not (isinstance(f, (tuple, list)) and f and all(_is_int(n) and 0 <= n <= 16 for n in f)):
+      _fail("fourier_exponents", "a non-empty tuple of ints in [0, 16]", f)
+    object.__setattr__(self, "fourier_exponents", tuple(int(n) for n in f))
     if self.network not in NETWORKS:
       _fail("network", f"one of {NETWORKS}", self.network)
     if self.schedule not in SCHEDULES:
@@ -119,6 +124,7 @@ class ModelConfig:
 
 def _build_network(c):
   common = dict(n_embd=c.n_embd, n_layer=c.n_layer, with_fourier_features=c.with_fourier_features,
+                fourier_exponents=c.fourier_exponents,
                 dropout=c.dropout, gamma_min=c.gamma_min, gamma_max=c.gamma_max,
                 num_classes=c.num_classes, dtype=DTYPES[c.dtype])
   if c.network == "score_unet":

@@ -6,7 +6,7 @@ from gamma_t, the conditioning scalar and labels -> adaLN final layer ->
 unpatchify. All adaLN modulations and the output layer are zero
 initialised, so every block starts as the identity and eps_hat = 0 at init.
 """
-from typing import Any
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -80,6 +80,7 @@ class DiT(nn.Module):
     patch_size: p; H and W must be divisible by p.
     num_heads: attention heads.
     with_fourier_features: concatenate base-2 Fourier features of z.
+    fourier_exponents: their exponents n (frequencies 2 pi 2^n).
     dropout: MLP dropout (train=True).
     gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
     num_classes: 0 = no labels; else a label embedding with a null row.
@@ -90,6 +91,7 @@ class DiT(nn.Module):
   patch_size: int = 2
   num_heads: int = 4
   with_fourier_features: bool = True
+  fourier_exponents: Tuple[int, ...] = (6, 7)
   dropout: float = 0.0
   gamma_min: float = -13.3
   gamma_max: float = 5.0
@@ -116,7 +118,8 @@ class DiT(nn.Module):
         gamma_max=self.gamma_max, num_classes=self.num_classes)
     h = z
     if self.with_fourier_features:
-      h = jnp.concatenate([z, layers.fourier_features(z.astype(jnp.float32))], axis=-1)
+      feats = layers.fourier_features(z.astype(jnp.float32), exponents=self.fourier_exponents)
+      h = jnp.concatenate([z, feats], axis=-1)
     # Input/output layers compute in float32 and the residual stream stays float32; only
     # the blocks' branches compute in dtype (keeps the low-precision error near 1e-3).
     h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(h)

@@ -51,25 +51,28 @@ def timestep_embedding(tau, dim):
   return emb
 
 
-def fourier_features(z, *, start=6, stop=8):
+def fourier_features(z, *, exponents=(6, 7)):
   r"""Base-2 Fourier features of the latent (VDM paper, appendix B).
 
-  For n in [start, stop), w_n = 2 pi 2^n; each channel c gives the features
+  For each n in `exponents`, w_n = 2 pi 2^n; each channel c gives the features
   sin(w_n z_c) and cos(w_n z_c), laid out as
-  [sin(z_0 w_start), sin(z_0 w_start+1), ..., sin(z_1 w_start), ..., cos(...)].
+  [sin(z_0 w_n0), sin(z_0 w_n1), ..., sin(z_1 w_n0), ..., cos(...)].
+  The reference uses n = 6, 7 (256 levels, bins 2/256 wide); for vocab_size V
+  the bins are 2/V wide, so n near log2(V / 2) resolves the data grid.
 
   Args:
     z: latent, [B, H, W, C].
-    start: first exponent n.
-    stop: one past the last exponent n.
+    exponents: the integers n, a non-empty tuple.
 
   Returns:
-    [B, H, W, 2 * C * (stop - start)], dtype of z.
+    [B, H, W, 2 * C * len(exponents)], dtype of z.
   """
-  num = stop - start
-  w = 2.0 ** jnp.arange(start, stop, dtype=z.dtype) * 2 * jnp.pi
+  exponents = tuple(exponents)
+  if not exponents or not all(isinstance(n, int) and not isinstance(n, bool) for n in exponents):
+    raise ValueError(f"exponents must be a non-empty tuple of ints, given {exponents!r}")
+  w = 2.0 ** jnp.asarray(exponents, dtype=z.dtype) * 2 * jnp.pi
   w = jnp.tile(w[None, :], (1, z.shape[-1]))
-  h = jnp.repeat(z, num, axis=-1) * w
+  h = jnp.repeat(z, len(exponents), axis=-1) * w
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 

@@ -6,7 +6,7 @@ n_layer + 1 up blocks fed with skip connections -> GroupNorm -> swish ->
 conv_out. It predicts eps with the input added back ("base measure"):
 eps_hat = z + conv_out(...). Kingma et al. 2021, appendix B.
 """
-from typing import Any
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,7 +41,8 @@ class ScoreUNet(nn.Module):
     n_layer: number of down blocks (reference sm_n_layer).
     with_attention: attention after every down/up block (the middle one is
       always present).
-    with_fourier_features: concatenate base-2 Fourier features (n = 6, 7) of z.
+    with_fourier_features: concatenate base-2 Fourier features of z.
+    fourier_exponents: their exponents n (frequencies 2 pi 2^n).
     dropout: dropout rate inside the ResNet blocks (active with train=True).
     gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
     num_classes: 0 = no labels; else a label embedding with a null row.
@@ -51,6 +52,7 @@ class ScoreUNet(nn.Module):
   n_layer: int = 32
   with_attention: bool = False
   with_fourier_features: bool = True
+  fourier_exponents: Tuple[int, ...] = (6, 7)
   dropout: float = 0.1
   gamma_min: float = -13.3
   gamma_max: float = 5.0
@@ -78,7 +80,8 @@ class ScoreUNet(nn.Module):
         gamma_max=self.gamma_max, num_classes=self.num_classes)
     h = z
     if self.with_fourier_features:
-      h = jnp.concatenate([z, layers.fourier_features(z.astype(jnp.float32))], axis=-1)
+      feats = layers.fourier_features(z.astype(jnp.float32), exponents=self.fourier_exponents)
+      h = jnp.concatenate([z, feats], axis=-1)
     # Input/output layers compute in float32 and the residual stream stays float32; only
     # the blocks' branches compute in dtype (keeps the low-precision error near 1e-3).
     h = nn.Conv(n, (3, 3), name="conv_in")(h)

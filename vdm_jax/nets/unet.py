@@ -14,7 +14,7 @@ compute in that dtype; the residual stream, the resampling, the 1x1
 shortcuts, the normalisations and the conditioning stay float32.
 """
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -69,6 +69,7 @@ class UNet(nn.Module):
       divisible by 2 ** (len(channel_mult) - 1).
     attention_resolutions: feature-map sizes (H at that level) with attention.
     with_fourier_features: concatenate base-2 Fourier features of z.
+    fourier_exponents: their exponents n (frequencies 2 pi 2^n).
     dropout: dropout rate inside the blocks (train=True).
     gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
     num_classes: 0 = no labels; else a label embedding with a null row.
@@ -79,6 +80,7 @@ class UNet(nn.Module):
   channel_mult: Sequence[int] = (1, 2, 2, 2)
   attention_resolutions: Sequence[int] = (16,)
   with_fourier_features: bool = True
+  fourier_exponents: Tuple[int, ...] = (6, 7)
   dropout: float = 0.1
   gamma_min: float = -13.3
   gamma_max: float = 5.0
@@ -103,7 +105,8 @@ class UNet(nn.Module):
     attn = lambda ch, name: layers.AttnBlock(num_groups(ch), self.dtype, name=name)
     h = z
     if self.with_fourier_features:
-      h = jnp.concatenate([z, layers.fourier_features(z.astype(jnp.float32))], axis=-1)
+      feats = layers.fourier_features(z.astype(jnp.float32), exponents=self.fourier_exponents)
+      h = jnp.concatenate([z, feats], axis=-1)
     # Input/output layers compute in float32 and the residual stream stays float32; only
     # the blocks' branches compute in dtype (keeps the low-precision error near 1e-3).
     h = nn.Conv(self.n_embd, (3, 3), name="conv_in")(h)
