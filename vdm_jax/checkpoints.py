@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-_ITEMS = ("state", "data")
-
 
 def make_manager(directory, *, max_to_keep=3):
   """A CheckpointManager over `directory` (made absolute: orbax requires it).
@@ -36,8 +34,9 @@ def make_manager(directory, *, max_to_keep=3):
   if max_to_keep < 1:
     raise ValueError(f"keep_checkpoints must be >= 1, got {max_to_keep}")
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
-                               item_names=_ITEMS)
+                               item_handlers=handlers)
 
 
 def save(manager, step, state, data_state):

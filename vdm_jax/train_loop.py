@@ -264,6 +264,9 @@ def write_samples(setup, params, step, workdir, *, writer=None, gif=False):
 
 def restore_for_inference(setup, workdir):
   """(step, TrainState) from workdir's newest checkpoint, or sample.checkpoint_step."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):  # do not create it: eval and sample only read
+    raise ValueError(f"no checkpoint in {directory}; train first with --mode=train")
   manager = _checkpoint_manager(setup, workdir)
   try:
     wanted = setup.config.sample.checkpoint_step
