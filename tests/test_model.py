@@ -163,3 +163,17 @@ def test_bad_data_and_labels_raise_saying_expected_and_given():
     m.check_labels(np.array([0, 1, 2]), 2)
   with pytest.raises(ValueError, match="num_classes is 0"):
     _model().check_labels(np.array([0, 1]), 2)
+
+
+def test_labels_and_data_closed_over_inside_jit_are_checked_without_concretization_errors():
+  rng = np.random.default_rng()
+  m = _model(n_embd=64, num_classes=5)
+  params = _random_params(m, rng)
+  labels = jnp.asarray(rng.integers(0, 5, 2), jnp.int32)
+  z, g = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32), jnp.array([-3.0, 1.0])
+  eager = m.eps_fn(params, labels=labels, guidance_weight=1.0)(z, g)
+  jitted = jax.jit(lambda p, z: m.eps_fn(p, labels=labels, guidance_weight=1.0)(z, g))(params, z)
+  np.testing.assert_allclose(jitted, eager, atol=1e-5)
+  bad = jnp.array([0, 6])  # 5 is the null label, which eps_fn accepts
+  with pytest.raises(ValueError, match=r"\[0, 6\), given min 0, max 6"):
+    jax.jit(lambda p, z: m.eps_fn(p, labels=bad)(z, g))(params, z)

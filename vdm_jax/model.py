@@ -148,8 +148,13 @@ def _build_schedule(c):
   return nets.LearnedMonotone(**ends)
 
 
-def _concrete(a):
-  return a is not None and not isinstance(a, jax.core.Tracer)
+def _concrete_range(a):
+  """(min, max) of a concrete non-empty array, computed in numpy so that it also works
+  for concrete arrays closed over inside jax.jit; (None, None) for tracers."""
+  if isinstance(a, jax.core.Tracer) or a.size == 0:
+    return None, None
+  a = np.asarray(a)
+  return int(a.min()), int(a.max())
 
 
 class VDM:
@@ -173,9 +178,10 @@ class VDM:
                        f"(image_shape), given shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"x must hold integers in [0, {c.vocab_size}), given dtype {x.dtype}")
-    if _concrete(x) and x.size and (int(x.min()) < 0 or int(x.max()) >= c.vocab_size):
+    low, high = _concrete_range(x)
+    if low is not None and (low < 0 or high >= c.vocab_size):
       raise ValueError(f"x values must lie in [0, vocab_size={c.vocab_size}), given "
-                       f"min {int(x.min())}, max {int(x.max())}")
+                       f"min {low}, max {high}")
     return x
 
   def check_labels(self, labels, batch, *, allow_null=False):
@@ -190,9 +196,9 @@ class VDM:
       raise ValueError(f"labels must be integers of shape ({batch},), given {labels.dtype} "
                        f"{tuple(labels.shape)}")
     top = n + 1 if allow_null else n
-    if _concrete(labels) and labels.size and (int(labels.min()) < 0 or int(labels.max()) >= top):
-      raise ValueError(f"labels must lie in [0, {top}), given min {int(labels.min())}, "
-                       f"max {int(labels.max())}")
+    low, high = _concrete_range(labels)
+    if low is not None and (low < 0 or high >= top):
+      raise ValueError(f"labels must lie in [0, {top}), given min {low}, max {high}")
     return labels
 
   # Parameters and the two learned functions -------------------------------------------------
