@@ -5,7 +5,9 @@ One jitted train step over a jax.sharding.Mesh of every device of every host
 replicated and donated, and step i draws its randomness from
 fold_in(state.rng, i), so a run's numbers do not depend on the device count
 and a resumed run repeats an uninterrupted one exactly. The loss is the mean
-over the batch of the VDM bound in bits/dim.
+over the batch of the VDM bound in bits/dim. Steps with a non-finite loss or
+gradient are skipped (state kept) and counted; training.max_nonfinite_steps
+of them in a row stop the run (train_loop.TrainingError).
 """
 import os
 import tempfile
@@ -165,7 +167,13 @@ class Setup:
     return nats / (self.num_dims * np.log(2.0))
 
   def train_step(self, state, batch):
-    """(state, global batch) -> (new state, metrics of scalars); jitted once, state donated."""
+    """(state, global batch) -> (new state, metrics of scalars); jitted once, state donated.
+
+    A step whose loss or gradient has a NaN/Inf returns params, EMA params and
+    optimizer state unchanged (bitwise) and metrics["nonfinite"] = 1 (else 0);
+    state.step still advances, so the batch is consumed and the step numbering
+    and data position stay those of an uninterrupted run.
+    """
     if self._train_step is None:
       self._train_step = jax.jit(self._train_step_fn, donate_argnums=0,
                                  in_shardings=(self.replicated, self.batch_sharding),
