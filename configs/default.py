@@ -71,6 +71,7 @@ def get_config():
       eval_every=10_000,
       checkpoint_every=10_000,
       keep_checkpoints=3,
+      max_nonfinite_steps=10,  # stop after this many non-finite steps in a row (each is skipped)
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
