@@ -77,6 +77,7 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=128,
       num_examples=0,          # 0 = the whole test split
+      num_time_samples=1,      # K antithetic time samples per example (more: lower variance)
   ))
 
   config.sample = ml_collections.ConfigDict(dict(

@@ -41,5 +41,6 @@ def get_config():
   config.training.eval_every = 1000
   config.training.checkpoint_every = 1000
   config.eval.batch_size = 128
+  config.eval.num_time_samples = 16  # K = 1 gives a standard error of about 0.1 bits/dim here
   config.sample.num_steps = 200
   return config

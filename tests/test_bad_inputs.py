@@ -142,6 +142,8 @@ CASES = [
     ("max_nonfinite_zero", _set("training.max_nonfinite_steps", 0),
      "training.max_nonfinite_steps must be a positive integer, got 0"),
     ("eval_batch_zero", _set("eval.batch_size", 0), "eval.batch_size must be a positive"),
+    ("eval_time_samples_zero", _set("eval.num_time_samples", 0),
+     "eval.num_time_samples must be a positive"),
     ("eval_examples_negative", _set("eval.num_examples", -1),
      "eval.num_examples must be an integer >= 0"),
     ("sample_steps_zero", _set("sample.num_steps", 0), "sample.num_steps must be a positive"),

@@ -50,7 +50,9 @@ def _validate_training(config):
                       ("training.keep_checkpoints", t.keep_checkpoints),
                       ("training.max_nonfinite_steps",
                        t.get("max_nonfinite_steps", train_loop.DEFAULT_MAX_NONFINITE_STEPS)),
-                      ("eval.batch_size", e.batch_size), ("sample.num_steps", s.num_steps),
+                      ("eval.batch_size", e.batch_size),
+                      ("eval.num_time_samples", e.get("num_time_samples", 1)),
+                      ("sample.num_steps", s.num_steps),
                       ("sample.num_images", s.num_images)):
     _require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
   _require(_is_int(t.eval_every) and t.eval_every >= 0, f"training.eval_every must be an "
@@ -239,6 +241,7 @@ class Setup:
                                 process_count=jax.process_count())
     result = likelihood.evaluate_bpd(self._eval_loss, batches,
                                      jax.random.PRNGKey(self.config.seed + 1), params=params,
+                                     num_time_samples=self.config.eval.get("num_time_samples", 1),
                                      mesh=self.mesh)
     metrics = {"bpd": result["bpd"], "bpd_stderr": result["bpd_stderr"],
                "num_examples": result["num_examples"]}
