@@ -148,8 +148,12 @@ def test_prediction_depends_on_gamma_labels_and_dropout(trained_like):
 
 
 def test_bfloat16_compute_is_within_one_percent_of_float32(trained_like):
-  _, net, variables, z, labels, apply = trained_like
-  g = jnp.array([-5.0, 2.0])
+  _, net, variables, _, _, apply = trained_like
+  # Eight fresh examples (not the fixture's two): the error ratio of the UNet sits near
+  # 0.85 %, and a batch of 2 scatters it by about +-0.15 %.
+  rng = np.random.default_rng()
+  z = jnp.asarray(rng.standard_normal((8, 8, 8, 3)), jnp.float32)
+  labels, g = jnp.asarray(rng.integers(0, 11, 8)), jnp.linspace(-5.0, 2.0, 8)
   out = apply(variables, z, g, None, labels)
   low = jax.jit(net.clone(dtype=jnp.bfloat16).apply)(variables, z, g, None, labels)
   rel = float(jnp.linalg.norm(low.astype(jnp.float32) - out) / jnp.linalg.norm(out))
