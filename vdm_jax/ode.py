@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import gaussian
+from vdm_jax import weighted_losses
 
 SOLVERS = ("dpm_solver_2m", "heun", "euler")
 
@@ -108,12 +109,6 @@ def ddim_update(z, eps_hat, gamma_cur, gamma_next):
   return alpha_ratio * z - sigma_next * jnp.expm1(0.5 * (g_cur - g_next)) * eps_hat
 
 
-def _data_prediction(z, eps_hat, gamma):
-  """x0_hat = (z - sigma eps_hat) / alpha; gamma broadcast to z."""
-  gamma = gaussian.broadcast_to_data(gamma, z.ndim)
-  return (z - jnp.sqrt(jax.nn.sigmoid(gamma)) * eps_hat) / jnp.sqrt(jax.nn.sigmoid(-gamma))
-
-
 def _dpm_solver_2m_update(z, x0, x0_prev, h_prev, gamma_cur, gamma_next, first):
   r"""DPM-Solver++(2M) step (Lu et al. 2022b, Alg. 2), data prediction, multistep.
 
@@ -168,7 +163,7 @@ def ode_solve(eps_fn, gamma_fn, z, times, *, solver="dpm_solver_2m"):
     def body(i, carry):
       z, x0_prev, h_prev = carry
       g_cur, g_next = gammas(i)
-      x0 = _data_prediction(z, eps_fn(z, g_cur), g_cur)
+      x0 = weighted_losses.eps_to_x0(z, eps_fn(z, g_cur), g_cur)
       z, h = _dpm_solver_2m_update(z, x0, x0_prev, h_prev, g_cur, g_next, i == 0)
       return z, x0, h
 

@@ -20,6 +20,7 @@ from vdm_jax import decoders
 from vdm_jax import gaussian
 from vdm_jax import ode
 from vdm_jax import schedules
+from vdm_jax import weighted_losses
 from vdm_jax.ode import ddim_update, ode_sample, ode_solve, time_grid  # noqa: F401 (re-exported)
 
 VARIANCES = ("posterior", "transition")
@@ -112,7 +113,7 @@ def ancestral_sample(eps_fn, gamma_fn, key, shape, *, num_steps=1000, final_nois
     if not final_noise:
       noise = jnp.where(i == last, 0.0, noise)
     if x0_steps is not None:
-      x0_hat = ode._data_prediction(z, eps_hat, gamma_t)  # pylint: disable=protected-access
+      x0_hat = weighted_losses.eps_to_x0(z, eps_hat, gamma_t)
       hit = (steps == i).reshape((-1,) + (1,) * len(shape))
       keep = jnp.where(hit, x0_hat[None], keep)
     return _ancestral_update(z, eps_hat, gamma_t, gamma_s, noise, variance), keep
