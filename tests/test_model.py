@@ -120,7 +120,7 @@ def test_guided_eps_is_the_cfg_combination_of_conditional_and_null_predictions()
 
 
 def test_variance_minimising_keeps_the_value_and_gives_the_shape_the_second_moment_gradient():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(3)
   m_vm = _model(schedule="learned_monotone", variance_minimising=True)
   m = model_lib.VDM(dataclasses.replace(m_vm.config, variance_minimising=False))
   params = _random_params(m, rng)
@@ -139,10 +139,13 @@ def test_variance_minimising_keeps_the_value_and_gives_the_shape_the_second_mome
   np.testing.assert_allclose(value_vm, value, rtol=1e-5)
   for leaf in ("b", "w"):  # endpoints keep the ordinary gradient
     np.testing.assert_allclose(grad_vm["gamma"][leaf], grad["gamma"][leaf], rtol=1e-4)
-  # The shape net gets d sum(L^2) (2 L ~ 1e3 times the ordinary gradient); float32 rounding
-  # of the tiny l2 gradients allows agreement to about 1% of the leaf's largest entry.
+  # The shape net gets d sum(L^2) = sum 2 L dL (2 L ~ 1e4 here). Its l2 entries (~0.1) are
+  # sums of float32 terms about 2^10 times larger, so each holds ~1e-4 of rounding (a few
+  # ulp of those terms): compare whole leaves in norm, at 5 %. A missing factor 2, or L in
+  # place of L^2, is off by 50 % or more.
+  assert jax.tree.structure(grad_vm["gamma"]) == jax.tree.structure(grad_sq["gamma"])
   for a, b in zip(jax.tree.leaves(grad_vm["gamma"]["l2"]), jax.tree.leaves(grad_sq["gamma"]["l2"])):
-    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(b))))
+    assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)
 
 
 def test_bad_data_and_labels_raise_saying_expected_and_given():

@@ -10,6 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from vdm_jax import checkpoints
@@ -61,9 +62,9 @@ def poisoned_setup():
   return setup
 
 
-def _batch(poison=None):
-  batch = next(data.TrainIterator(data.load_digits("train"), batch_size=8,
-                                  seed=int(np.random.default_rng().integers(1 << 20))))
+def _batch(poison=None, *, seed=None):
+  seed = int(np.random.default_rng(seed).integers(1 << 20))
+  batch = next(data.TrainIterator(data.load_digits("train"), batch_size=8, seed=seed))
   if poison is not None:
     batch["image"][0, 0, 0, 0] = poison
   return batch
@@ -74,6 +75,7 @@ def _host(tree):
 
 
 def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -194,3 +196,48 @@ def test_model_loss_and_gradients_are_finite_for_gamma_in_pm30_at_extreme_pixels
   assert checkpoints.first_nonfinite_leaf(grads) is None
   gamma = jax.jit(model.gamma_fn(params))(jnp.asarray([0.0, 1.0]))
   np.testing.assert_allclose(gamma, [-30.0, 30.0], rtol=1e-6)
+
+
+def test_a_skipped_micro_batch_does_not_shift_the_accumulation_window():
+  """accumulation_steps=2, micro-batches b0, b1 (NaN gradient), b2: b1 is skipped, so the
+  first update averages the gradients of b0 and b2, and the EMA moves once, with it."""
+  config = tiny_config()
+  config.optimizer.warmup_steps, config.optimizer.decay = 0, "constant"
+  plain = train.make_optimizer(config)[0]
+  config.optimizer.accumulation_steps = 2
+  setup = train.Setup(config)
+  setup.model = _PoisonedModel(setup.model)
+  seeds = np.random.default_rng(7).integers(1 << 20, size=3)
+  batches = [_batch(seed=seeds[0]), _batch(NAN_GRAD, seed=seeds[1]), _batch(seed=seeds[2])]
+  start = setup.init_state()
+  initial = _host(start)
+  states, state = [], start
+  for batch in batches:
+    state, metrics = setup.train_step(state, setup.global_batch(batch))
+    states.append(_host(state))
+  assert float(jax.device_get(metrics["nonfinite"])) == 0.0
+  _assert_trees_equal(states[0].params, initial.params)  # window of 2: nothing applied yet
+  _assert_trees_equal(states[0].ema_params, initial.ema_params)
+  _assert_trees_equal((states[1].params, states[1].ema_params, states[1].opt_state),
+                      (states[0].params, states[0].ema_params, states[0].opt_state))
+  assert int(states[2].opt_state.gradient_step) == 1 and int(states[2].opt_state.mini_step) == 0
+
+  def grads(step, batch):
+    key = jax.random.fold_in(initial.rng, step)
+    bpd = lambda p: jnp.mean(setup._bpd(setup.model.loss(p, jnp.asarray(batch["image"]), key,
+                                                         train=True)[0]))
+    return jax.grad(bpd)(initial.params)
+
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads(0, batches[0]), grads(2, batches[2]))
+  updates, _ = plain.update(mean, plain.init(initial.params), initial.params)
+  expected = optax.apply_updates(initial.params, updates)
+  expected_ema = jax.tree.map(lambda e, p: 0.998 * e + 0.002 * p, initial.ema_params, expected)
+  # float32: the two means differ in rounding only (one ulp of the gradient), which Adam's
+  # first step (lr * g / (|g| + eps)) passes on at most as that relative error of lr.
+  lr = config.optimizer.learning_rate
+  for actual, wanted in ((states[2].params, expected), (states[2].ema_params, expected_ema)):
+    assert jax.tree.structure(actual) == jax.tree.structure(wanted)
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(wanted)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5 * lr)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(states[2].ema_params),
+                                                       jax.tree.leaves(initial.ema_params)))

@@ -2,6 +2,9 @@
 import hashlib
 import os
 
+import jax
+import numpy as np
+
 from configs import digits
 
 
@@ -37,3 +40,39 @@ def snapshot(folder):
       with open(path, "rb") as f:
         result[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
   return result
+
+
+def adam_displacement_bound(learning_rates, *, b1=0.9, b2=0.99):
+  """Largest |param change| Adam can make over steps with these learning rates.
+
+  Per step |m_hat / sqrt(v_hat)| <= 1 / sqrt(1 - b1^2 / b2) (Cauchy-Schwarz over the
+  gradient history, bias corrections included, for b1^2 < b2), so the displacement is
+  at most that factor times sum(lr).
+  """
+  assert b1 * b1 < b2
+  return float(np.sum(learning_rates)) / np.sqrt(1.0 - b1 * b1 / b2)
+
+
+def assert_params_match(actual, expected, *, learning_rates, rtol=1e-5, max_noise_fraction=1e-3):
+  """Two training runs that differ only in float reduction order (device count, processes).
+
+  The trees must have one structure. Every element must agree within `rtol` of its leaf's
+  largest magnitude (or of Adam's displacement bound, the scale by which any parameter can
+  have moved, if that is larger), except elements whose exact gradient is (near) zero: there Adam
+  turns float noise into +-lr steps, so they may differ by up to twice Adam's
+  displacement bound. At most max(1, max_noise_fraction * size) elements of a leaf may
+  be such noise; a real sharding bug moves most elements.
+  """
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  noise_bound = 2.0 * adam_displacement_bound(learning_rates)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+    name = jax.tree_util.keystr(path)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    diff = np.abs(a - b)
+    off = diff > rtol * (np.abs(b) + max(np.abs(b).max(), noise_bound))
+    assert off.sum() <= max(1, max_noise_fraction * b.size), (
+        f"{name}: {off.sum()} of {b.size} elements differ by more than {rtol} of the leaf's "
+        f"scale (largest difference {diff.max():.3g})")
+    assert np.all(diff <= noise_bound), (
+        f"{name}: differs by {diff.max():.3g} > twice Adam's displacement bound {noise_bound:.3g}")

@@ -9,6 +9,7 @@ over the batch of the VDM bound in bits/dim. Steps with a non-finite loss or
 gradient are skipped (state kept) and counted; training.max_nonfinite_steps
 of them in a row stop the run (train_loop.TrainingError).
 """
+import functools
 import os
 import tempfile
 
@@ -183,42 +184,56 @@ class Setup:
     return self._train_step(state, batch)
 
   def _train_step_fn(self, state, batch):
-    o = self.config.optimizer
     key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      loss, terms = self.model.loss(params, batch["image"], key, labels=self._labels(batch),
-                                    train=True)
-      return jnp.mean(self._bpd(loss)), terms
+      loss, metrics = self.model.loss(params, batch["image"], key, labels=self._labels(batch),
+                                      train=True)
+      return jnp.mean(self._bpd(loss)), metrics
 
     (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # A step with a NaN/Inf loss or gradient is skipped: params, EMA and optimizer
-    # state stay as they were; only the step counter (hence the batch) moves on.
-    finite = jnp.isfinite(bpd) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    # With gradient accumulation the parameters move once every k mini-batches.
-    applied = (state.step + 1) % o.accumulation_steps == 0
-    if o.ema_decay == 0.0:  # no averaging: the EMA is the params themselves
-      ema = params
-    else:
-      ema = train_state.ema_update(state.ema_params, params, o.ema_decay)
-      ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state.ema_params)
+    # One scalar decides the step: the global gradient norm is NaN/Inf exactly when a
+    # gradient element is (or their squares overflow float32). A skipped step keeps params,
+    # EMA and optimizer state bitwise (one lax.cond around the whole update; a jnp.where per
+    # leaf made XLA copy the reduction into every leaf's fusion: minutes of compile time).
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(bpd) & jnp.isfinite(grad_norm)
+    updates_before = train_state.update_count(state.opt_state)
+    params, ema, opt_state = jax.lax.cond(
+        finite, functools.partial(self._apply_update, grads),
+        lambda params, ema, opt_state: (params, ema, opt_state),
+        state.params, state.ema_params, state.opt_state)
     gamma_fn = self.model.gamma_fn(params)
-    metrics = {"bpd": bpd, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": self.schedule(state.step // o.accumulation_steps),
+    metrics = {"bpd": bpd, "grad_norm": jnp.where(finite, grad_norm, 0.0),
+               "learning_rate": self.schedule(updates_before),
                "gamma_0": jnp.squeeze(gamma_fn(jnp.zeros(()))),
-               "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(())))}
+               "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(()))),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
     for name in ("prior", "reconstruction", "diffusion"):
       metrics[f"bpd_{name}"] = jnp.mean(self._bpd(terms[name]))
-    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              ema_params=keep(ema, state.ema_params),
-                              opt_state=keep(opt_state, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
     return new_state, metrics
+
+  def _apply_update(self, grads, params, ema, opt_state):
+    """One optimizer update (a micro-batch with accumulation) and the EMA after it.
+
+    With accumulation the parameters move, and the EMA follows, only when optax.MultiSteps
+    applies its averaged update; a skipped (non-finite) micro-batch never reaches
+    MultiSteps, so it does not shift the accumulation window.
+    """
+    o = self.config.optimizer
+    updates_before = train_state.update_count(opt_state)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if o.ema_decay == 0.0:  # no averaging: the EMA is the params themselves
+      return params, params, opt_state
+    if o.accumulation_steps == 1:
+      return params, train_state.ema_update(ema, params, o.ema_decay), opt_state
+    applied = train_state.update_count(opt_state) > updates_before
+    ema = jax.lax.cond(applied, lambda e: train_state.ema_update(e, params, o.ema_decay),
+                       lambda e: e, ema)
+    return params, ema, opt_state
 
   def _eval_loss(self, params, batch, key):
     loss, terms = self.model.loss(params, batch["image"], key, labels=self._labels(batch),

@@ -90,6 +90,16 @@ def make_optimizer(*, schedule, b1, b2, eps, weight_decay, grad_clip_norm=0.0,
   return tx
 
 
+def update_count(opt_state):
+  """Optimizer updates applied so far (int32 scalar): the count of optax.scale_by_schedule.
+
+  With optax.MultiSteps it advances once per accumulated update, and never on a
+  step that did not reach the optimizer.
+  """
+  return optax.tree.get(opt_state, "count",
+                        filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
+
+
 def ema_update(ema_params, params, decay):
   """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
