@@ -8,7 +8,7 @@ ScoreUNet (n_embd 32, n_layer 2, attention, 8x8x3; random parameters), and the
 overhead ratio  time(ancestral, N steps) / (N * time(one jitted forward)), goal <= 1.05.
 Quality: energy distance and sliced Wasserstein-1 between 4000 sampler outputs and
 4000 exact samples of z_0 for a 2-D mixture with the closed-form optimal eps_hat
-(vdm_jax/toy.py). Results are printed and appended as JSON lines to
+(vdm_jax/testing/gaussian_mixture.py). Results are printed and appended as JSON lines to
 benchmarks/results/sampling.jsonl.
 """
 import argparse
@@ -24,7 +24,7 @@ import numpy as np
 
 from vdm_jax import sampling
 from vdm_jax import schedules
-from vdm_jax import toy
+from vdm_jax.testing import gaussian_mixture
 from vdm_jax.nets import score_unet
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sampling.jsonl"
@@ -93,16 +93,16 @@ def speed(batch, ratio_steps, step_counts):
 def quality(num, step_counts):
   """Energy distance and sliced W1 to exact z_0 samples of a 2-D mixture, per sampler and steps."""
   means, stds, weights = np.array([[-1.0, 0.5], [1.0, -0.5]]), np.array([0.3, 0.2]), np.array([0.3, 0.7])
-  eps_fn, gamma_fn = toy.mixture_eps_fn(means, stds, weights), schedules.fixed_linear()
-  exact = toy.sample_mixture(jax.random.PRNGKey(10), num, means, stds, weights, gamma_0=gamma_fn(0.0))
-  exact_b = toy.sample_mixture(jax.random.PRNGKey(11), num, means, stds, weights, gamma_0=gamma_fn(0.0))
-  rows = [{"sampler": "exact (second draw)", "steps": 0, "energy": toy.energy_distance(exact, exact_b),
-           "sliced_w1": toy.sliced_wasserstein(exact, exact_b)}]
+  eps_fn, gamma_fn = gaussian_mixture.mixture_eps_fn(means, stds, weights), schedules.fixed_linear()
+  exact = gaussian_mixture.sample_mixture(jax.random.PRNGKey(10), num, means, stds, weights, gamma_0=gamma_fn(0.0))
+  exact_b = gaussian_mixture.sample_mixture(jax.random.PRNGKey(11), num, means, stds, weights, gamma_0=gamma_fn(0.0))
+  rows = [{"sampler": "exact (second draw)", "steps": 0, "energy": gaussian_mixture.energy_distance(exact, exact_b),
+           "sliced_w1": gaussian_mixture.sliced_wasserstein(exact, exact_b)}]
   for name, fn in _sampler_fns().items():
     for n in step_counts:
       z = jax.jit(lambda k, fn=fn, n=n: fn(eps_fn, gamma_fn, k, (num, 2), n))(jax.random.PRNGKey(12))
-      rows.append({"sampler": name, "steps": n, "energy": toy.energy_distance(z, exact),
-                   "sliced_w1": toy.sliced_wasserstein(z, exact)})
+      rows.append({"sampler": name, "steps": n, "energy": gaussian_mixture.energy_distance(z, exact),
+                   "sliced_w1": gaussian_mixture.sliced_wasserstein(z, exact)})
   print(f"  {'sampler':20s} {'steps':>5s} {'energy':>9s} {'sliced W1':>9s}")
   for row in rows:
     print(f"  {row['sampler']:20s} {row['steps']:5d} {row['energy']:9.5f} {row['sliced_w1']:9.5f}")

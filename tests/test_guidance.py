@@ -6,7 +6,7 @@ import pytest
 
 from vdm_jax import guidance
 from vdm_jax import schedules
-from vdm_jax import toy
+from vdm_jax.testing import gaussian_mixture
 
 GAMMA_FN = schedules.fixed_linear()
 
@@ -54,7 +54,7 @@ def test_slerp_hits_the_endpoints_and_keeps_the_norm_between_orthogonal_vectors(
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_interpolation_at_lambda_zero_and_one_reproduces_the_reconstructions(stochastic):
   means, stds, weights = np.array([[-0.5] * 4, [0.5] * 4]), np.array([0.2, 0.2]), np.array([0.5, 0.5])
-  eps_fn = toy.mixture_eps_fn(means, stds, weights)
+  eps_fn = gaussian_mixture.mixture_eps_fn(means, stds, weights)
   key = _fresh_key() if stochastic else None
   f_a = jnp.full((4,), -0.5) + 0.1 * jax.random.normal(_fresh_key(), (4,))
   f_b = jnp.full((4,), 0.5) + 0.1 * jax.random.normal(_fresh_key(), (4,))
@@ -77,7 +77,7 @@ def test_interpolation_at_lambda_zero_and_one_reproduces_the_reconstructions(sto
 
 def test_reconstruction_from_small_t_stays_close_and_from_t_one_forgets_the_image():
   means, stds, weights = np.array([[-0.6] * 3, [0.6] * 3]), np.array([0.1, 0.1]), np.array([0.5, 0.5])
-  eps_fn = toy.mixture_eps_fn(means, stds, weights)
+  eps_fn = gaussian_mixture.mixture_eps_fn(means, stds, weights)
   f = jnp.full((64, 3), 0.6) + 0.1 * jax.random.normal(_fresh_key(), (64, 3))
 
   @jax.jit

@@ -8,7 +8,7 @@ from vdm_jax import gaussian
 from vdm_jax import ode
 from vdm_jax import sampling
 from vdm_jax import schedules
-from vdm_jax import toy
+from vdm_jax.testing import gaussian_mixture
 
 GAMMA_FN = schedules.fixed_linear(-13.3, 5.0)
 MU, STD, DIM, NUM = 0.3, 0.5, 2, 6000
@@ -55,7 +55,7 @@ SAMPLERS = {
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sampler_matches_gaussian_mean_and_variance(name):
   sampler, deterministic, allowance = SAMPLERS[name]
-  eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
+  eps_fn = gaussian_mixture.gaussian_eps_fn(MU, STD, DIM)
   z = np.asarray(jax.jit(lambda k: sampler(eps_fn, k, (NUM, DIM)))(_fresh_key()), np.float64)
   mean, var = _gaussian_targets(deterministic)
   n = z.size
@@ -67,7 +67,7 @@ def test_sampler_matches_gaussian_mean_and_variance(name):
 def test_sampler_reproduces_mixture_component_weights(name):
   sampler = SAMPLERS[name][0]
   means, stds, weights = np.array([[-1.0, 0.5], [1.0, -0.5]]), np.array([0.3, 0.2]), np.array([0.3, 0.7])
-  eps_fn = toy.mixture_eps_fn(means, stds, weights)
+  eps_fn = gaussian_mixture.mixture_eps_fn(means, stds, weights)
   z = np.asarray(jax.jit(lambda k: sampler(eps_fn, k, (NUM, 2)))(_fresh_key()))
   left = z[:, 0] < 0
   # 0.02 allowance: z_1 ~ N(0, I) instead of q(z_1) (whose mean is alpha_1 E[x] = 0.03) moves
@@ -144,7 +144,7 @@ def test_ddim_with_eta_one_is_the_ancestral_step():
 
 
 def test_ddim_with_eta_zero_is_deterministic_and_ignores_step_noise():
-  eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
+  eps_fn = gaussian_mixture.gaussian_eps_fn(MU, STD, DIM)
   key = _fresh_key()
   sample = jax.jit(lambda k, eta: sampling.ddim_sample(eps_fn, GAMMA_FN, k, (16, DIM), num_steps=20, eta=eta))
   a, b = sample(key, 0.0), sample(key, 0.0)
@@ -158,7 +158,7 @@ def test_ddim_with_eta_zero_is_deterministic_and_ignores_step_noise():
 
 @pytest.mark.parametrize("solver, num_steps, atol", [("euler", 200, 0.06), ("dpm_solver_2m", 50, 1e-3)])
 def test_ddim_encode_then_decode_returns_the_input(solver, num_steps, atol):
-  eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
+  eps_fn = gaussian_mixture.gaussian_eps_fn(MU, STD, DIM)
   a0, _, v0 = _moments(GAMMA_FN(0.0))
   z_0 = a0 * MU + np.sqrt(v0) * jax.random.normal(_fresh_key(), (64, DIM))
   z_1 = sampling.ddim_encode(eps_fn, GAMMA_FN, z_0, num_steps=num_steps, solver=solver)
@@ -169,7 +169,7 @@ def test_ddim_encode_then_decode_returns_the_input(solver, num_steps, atol):
 
 @pytest.mark.parametrize("solver, order", [("euler", 1), ("dpm_solver_2m", 2), ("heun", 2)])
 def test_ode_solver_converges_to_the_exact_flow_at_its_order(solver, order):
-  eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
+  eps_fn = gaussian_mixture.gaussian_eps_fn(MU, STD, DIM)
   z_1 = jax.random.normal(_fresh_key(), (64, DIM))
   a0, _, v0 = _moments(GAMMA_FN(0.0))
   a1, _, v1 = _moments(GAMMA_FN(1.0))
@@ -180,7 +180,7 @@ def test_ode_solver_converges_to_the_exact_flow_at_its_order(solver, order):
 
 
 def test_ancestral_sample_keeps_x0_predictions_at_chosen_steps():
-  eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
+  eps_fn = gaussian_mixture.gaussian_eps_fn(MU, STD, DIM)
   z_0, x0 = sampling.ancestral_sample(eps_fn, GAMMA_FN, _fresh_key(), (4000, DIM), num_steps=100,
                                       x0_steps=[0, 50, 99])
   assert x0.shape == (3, 4000, DIM)
@@ -200,7 +200,7 @@ def test_to_data_decodes_a_noiseless_latent_to_the_integers():
 
 
 def test_bad_options_raise_value_error():
-  eps_fn = toy.gaussian_eps_fn(MU, STD, DIM)
+  eps_fn = gaussian_mixture.gaussian_eps_fn(MU, STD, DIM)
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="solver"):
     sampling.ode_sample(eps_fn, GAMMA_FN, key, (2, 2), solver="rk45")
