@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm_jax import _numerics
 from vdm_jax import decoders
 from vdm_jax import gaussian
 from vdm_jax import losses
 from vdm_jax import schedules
+from vdm_jax import weighted_losses
 
 
 def _tables(betas, variance):
@@ -42,21 +44,18 @@ def _kl_term(eps_fn, gammas, model_log_var, f, step, eps):
   gamma_t = gammas[step - 1]
   gamma_s = gammas[jnp.maximum(step - 2, 0)]
   z_t = gaussian.sample_forward(f, gamma_t, eps)
-  eps_hat = eps_fn(z_t, gamma_t)
-  alpha_t, sigma_t = schedules.alpha_sigma(gaussian.broadcast_to_data(gamma_t, f.ndim))
+  x0_hat = weighted_losses.eps_to_x0(z_t, eps_fn(z_t, gamma_t), gamma_t)
   mean_q, var_q = gaussian.posterior(z_t, f, gamma_s, gamma_t)
-  mean_p, _ = gaussian.posterior(z_t, (z_t - sigma_t * eps_hat) / alpha_t, gamma_s, gamma_t)
+  mean_p, _ = gaussian.posterior(z_t, x0_hat, gamma_s, gamma_t)
   var_p = jnp.exp(gaussian.broadcast_to_data(model_log_var[step - 1], f.ndim))
-  kl = gaussian.kl_normal(mean_q, var_q, mean_p, var_p)
-  return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
+  return _numerics.sum_per_example(gaussian.kl_normal(mean_q, var_q, mean_p, var_p))
 
 
 def _decoder_term(eps_fn, gammas, model_log_var, x, f, eps, vocab_size):
   """L_0 = -log p(x | x_1) with the discretised Gaussian at x0_hat; [B] nats."""
   gamma_1 = jnp.broadcast_to(gammas[0], f.shape[:1])
   z_1 = gaussian.sample_forward(f, gamma_1, eps)
-  alpha_1, sigma_1 = schedules.alpha_sigma(gaussian.broadcast_to_data(gamma_1, f.ndim))
-  x0_hat = (z_1 - sigma_1 * eps_fn(z_1, gamma_1)) / alpha_1  # = mu_theta(x_1, 1) since alphabar_0 = 1
+  x0_hat = weighted_losses.eps_to_x0(z_1, eps_fn(z_1, gamma_1), gamma_1)  # = mu_theta(x_1, 1): alphabar_0 = 1
   return -decoders.discretized_gaussian_log_likelihood(x, x0_hat, 0.5 * model_log_var[0], vocab_size)
 
 

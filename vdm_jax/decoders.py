@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import special
 
+from vdm_jax import _numerics
 from vdm_jax import gaussian
 from vdm_jax import schedules
 
@@ -185,4 +186,4 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, vocab_size=256):
   logprobs = discretized_gaussian_logprobs(mean, log_scale, vocab_size)
   x = jnp.asarray(x, jnp.int32)
   picked = jnp.take_along_axis(logprobs, x[..., None], axis=-1)[..., 0]
-  return jnp.sum(picked.reshape(picked.shape[0], -1), axis=-1)
+  return _numerics.sum_per_example(picked)

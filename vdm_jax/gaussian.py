@@ -12,6 +12,7 @@ H, W, C axes of the data it is combined with.
 import jax
 import jax.numpy as jnp
 
+from vdm_jax import _numerics
 from vdm_jax import schedules
 
 
@@ -79,8 +80,7 @@ def transition(gamma_s, gamma_t):
     (alpha_ts, var_ts), both of the broadcast shape of gamma_s and gamma_t.
   """
   gamma_s, gamma_t = jnp.asarray(gamma_s), jnp.asarray(gamma_t)
-  # log alpha^2 = -softplus(gamma)
-  alpha_ts = jnp.exp(0.5 * (jax.nn.softplus(gamma_s) - jax.nn.softplus(gamma_t)))
+  alpha_ts = _numerics.alpha_ratio(gamma_s, gamma_t)
   var_ts = -jnp.expm1(gamma_s - gamma_t) * jax.nn.sigmoid(gamma_t)
   return alpha_ts, var_ts
 

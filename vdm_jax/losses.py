@@ -15,23 +15,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vdm_jax import _numerics
 from vdm_jax import decoders
 from vdm_jax import gaussian
-from vdm_jax import schedules
-
-
-def _sum_per_example(values):
-  """Sums an array [B, ...] over all but the first axis: [B]."""
-  return jnp.sum(jnp.reshape(values, (values.shape[0], -1)), axis=-1)
 
 
 def _squared_error(eps, eps_hat):
   eps, eps_hat = jnp.asarray(eps), jnp.asarray(eps_hat)
   if eps.shape != eps_hat.shape or eps.ndim < 1:
     raise ValueError(f"eps and eps_hat must have the same shape [B, ...], got {eps.shape} and {eps_hat.shape}")
-  return _sum_per_example(jnp.square(eps - eps_hat))
+  return _numerics.sum_per_example(jnp.square(eps - eps_hat))
 
 
 def prior_loss(f, gamma_1):
@@ -48,7 +42,7 @@ def prior_loss(f, gamma_1):
   Returns:
     nats per example, summed over H, W, C: [B].
   """
-  return _sum_per_example(gaussian.kl_to_standard_normal_from_gamma(f, gamma_1))
+  return _numerics.sum_per_example(gaussian.kl_to_standard_normal_from_gamma(f, gamma_1))
 
 
 def reconstruction_loss(x, z_0, gamma_0, vocab_size=256):
@@ -70,7 +64,7 @@ def reconstruction_loss(x, z_0, gamma_0, vocab_size=256):
     raise ValueError(f"x and z_0 must have the same shape, got {x.shape} and {jnp.shape(z_0)}")
   logprobs = decoders.categorical_logprobs(z_0, gamma_0, vocab_size)
   picked = jnp.take_along_axis(logprobs, x.astype(jnp.int32)[..., None], axis=-1)[..., 0]
-  return -_sum_per_example(picked)
+  return -_numerics.sum_per_example(picked)
 
 
 def diffusion_loss(eps, eps_hat, dgamma_dt):
@@ -107,14 +101,10 @@ def discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, num_steps):
   return 0.5 * num_steps * jnp.expm1(gamma_t - gamma_s) * _squared_error(eps, eps_hat)
 
 
-def _is_int(value):
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_options(num_steps, vocab_size):
-  if not (_is_int(num_steps) and num_steps >= 0):
+  if not (_numerics.is_int(num_steps) and num_steps >= 0):
     raise ValueError(f"num_steps must be an int >= 0 (0 = continuous time), got {num_steps!r}")
-  if not (_is_int(vocab_size) and vocab_size >= 2):
+  if not (_numerics.is_int(vocab_size) and vocab_size >= 2):
     raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
 
 
@@ -156,29 +146,61 @@ def vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, *, num_steps=0, vocab
     example summed over H, W, C; loss = sum of the terms.
   """
   _check_options(num_steps, vocab_size)
-  x = jnp.asarray(x)
-  if x.ndim < 2 or jnp.shape(t) != x.shape[:1]:
-    raise ValueError(f"expected x [B, ...] and t [B], got x {x.shape} and t {jnp.shape(t)}")
-  if jnp.shape(eps) != x.shape or jnp.shape(eps0) != x.shape:
-    raise ValueError(f"eps and eps0 must have the shape of x {x.shape}, got {jnp.shape(eps)}, {jnp.shape(eps0)}")
-  f = decoders.encode(x, vocab_size)
-  gamma_0, gamma_1 = gamma_fn(jnp.zeros_like(t)), gamma_fn(jnp.ones_like(t))
-  z_0 = gaussian.sample_forward(f, gamma_0, eps0)
-  terms = {
-      "prior": prior_loss(f, gamma_1),
-      "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size),
-  }
+  x, f = _check_and_encode(x, t, eps, eps0, vocab_size)
+  terms = _endpoint_terms(x, f, gamma_fn(jnp.zeros_like(t)), gamma_fn(jnp.ones_like(t)), eps0,
+                          vocab_size)
   if num_steps == 0:
-    gamma_t, dgamma_dt = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
-    eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
+    eps_hat, _, dgamma_dt = eps_prediction(eps_fn, gamma_fn, f, t, eps)
     terms["diffusion"] = diffusion_loss(eps, eps_hat, dgamma_dt)
   else:
     t, s = round_up_to_grid(t, num_steps)
     gamma_t, gamma_s = gamma_fn(t), gamma_fn(s)
     eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
     terms["diffusion"] = discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, num_steps)
-  loss = terms["prior"] + terms["reconstruction"] + terms["diffusion"]
-  return loss, terms
+  return _total(terms), terms
+
+
+def eps_prediction(eps_fn, gamma_fn, f, t, eps):
+  r"""The network's input and output for one continuous time per example.
+
+  gamma_t, gamma'(t) = jax.jvp(gamma_fn, t, 1); z_t = alpha_t f + sigma_t eps;
+  eps_hat = eps_fn(z_t, gamma_t).
+
+  Args:
+    eps_fn: (z_t [B, H, W, C], gamma_t [B]) -> eps_hat [B, H, W, C].
+    gamma_fn: t [B] -> gamma [B].
+    f: encoded data, [B, H, W, C].
+    t: times in [0, 1], [B].
+    eps: noise for z_t, [B, H, W, C].
+
+  Returns:
+    (eps_hat [B, H, W, C], gamma_t [B], dgamma_dt [B]).
+  """
+  gamma_t, dgamma_dt = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+  return eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t), gamma_t, dgamma_dt
+
+
+def _check_and_encode(x, t, eps, eps0, vocab_size):
+  """Checks x [B, ...], t [B], eps and eps0 shaped like x; returns (x, f = encode(x))."""
+  x = jnp.asarray(x)
+  if x.ndim < 2 or jnp.shape(t) != x.shape[:1]:
+    raise ValueError(f"expected x [B, ...] and t [B], got x {x.shape} and t {jnp.shape(t)}")
+  if jnp.shape(eps) != x.shape or jnp.shape(eps0) != x.shape:
+    raise ValueError(f"eps and eps0 must have the shape of x {x.shape}, got {jnp.shape(eps)}, "
+                     f"{jnp.shape(eps0)}")
+  return x, decoders.encode(x, vocab_size)
+
+
+def _endpoint_terms(x, f, gamma_0, gamma_1, eps0, vocab_size):
+  """{"prior": [B], "reconstruction": [B]} with z_0 = alpha_0 f + sigma_0 eps0."""
+  z_0 = gaussian.sample_forward(f, gamma_0, eps0)
+  return {"prior": prior_loss(f, gamma_1),
+          "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size)}
+
+
+def _total(terms):
+  """The bound: prior + reconstruction + diffusion, [B] nats."""
+  return terms["prior"] + terms["reconstruction"] + terms["diffusion"]
 
 
 def sample_times(key, batch_size, *, antithetic=True):
@@ -224,14 +246,28 @@ def vdm_loss(eps_fn, gamma_fn, x, key, *, num_steps=0, antithetic=True, vocab_si
     example summed over H, W, C.
   """
   _check_options(num_steps, vocab_size)
-  x = jnp.asarray(x)
-  if x.ndim < 2:
-    raise ValueError(f"x must be [B, ...] with at least 2 axes, got shape {x.shape}")
-  key_eps0, key_t, key_eps = jax.random.split(key, 3)
-  eps0 = jax.random.normal(key_eps0, x.shape)
-  t = sample_times(key_t, x.shape[0], antithetic=antithetic)
-  eps = jax.random.normal(key_eps, x.shape)
+  t, eps, eps0 = draw_noise(key, jnp.shape(x), antithetic=antithetic)
   return vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, num_steps=num_steps, vocab_size=vocab_size)
+
+
+def draw_noise(key, shape, *, antithetic=True):
+  r"""The random inputs of one bound estimate: key split in three, drawn in this order:
+  eps0 ~ N(0, I) (for z_0), t (see `sample_times`), eps ~ N(0, I) (for z_t).
+
+  Args:
+    key: PRNG key.
+    shape: (B, H, W, C), the shape of x.
+    antithetic: stratified times.
+
+  Returns:
+    (t [B], eps [shape], eps0 [shape]), float32.
+  """
+  if len(shape) < 2:
+    raise ValueError(f"x must be [B, ...] with at least 2 axes, got shape {tuple(shape)}")
+  key_eps0, key_t, key_eps = jax.random.split(key, 3)
+  eps0 = jax.random.normal(key_eps0, shape)
+  t = sample_times(key_t, shape[0], antithetic=antithetic)
+  return t, jax.random.normal(key_eps, shape), eps0
 
 
 def bits_per_dim(nats, num_dims):
@@ -244,7 +280,7 @@ def bits_per_dim(nats, num_dims):
   Returns:
     bits per dimension, shape of nats.
   """
-  if not (_is_int(num_dims) and num_dims > 0):
+  if not (_numerics.is_int(num_dims) and num_dims > 0):
     raise ValueError(f"num_dims must be a positive int (H*W*C), got {num_dims!r}")
   return jnp.asarray(nats) / (num_dims * math.log(2.0))
 
@@ -339,18 +375,11 @@ def variance_minimising_vdm_loss_from_noise(eps_fn, gamma_0, gamma_1, shape_fn, 
     (loss [B], terms {'prior', 'reconstruction', 'diffusion'}), nats per example.
   """
   _check_options(0, vocab_size)
-  x = jnp.asarray(x)
-  if x.ndim < 2 or jnp.shape(t) != x.shape[:1] or jnp.shape(eps) != x.shape or jnp.shape(eps0) != x.shape:
-    raise ValueError(f"expected x [B, ...], t [B], eps and eps0 like x; got {x.shape}, {jnp.shape(t)}, "
-                     f"{jnp.shape(eps)}, {jnp.shape(eps0)}")
-  f = decoders.encode(x, vocab_size)
-  z_0 = gaussian.sample_forward(f, gamma_0, eps0)
-  terms = {
-      "prior": prior_loss(f, gamma_1),
-      "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size),
-      "diffusion": variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t, eps),
-  }
-  return terms["prior"] + terms["reconstruction"] + terms["diffusion"], terms
+  x, f = _check_and_encode(x, t, eps, eps0, vocab_size)
+  terms = _endpoint_terms(x, f, gamma_0, gamma_1, eps0, vocab_size)
+  terms["diffusion"] = variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t,
+                                                          eps)
+  return _total(terms), terms
 
 
 def variance_minimising_vdm_loss(eps_fn, gamma_0, gamma_1, shape_fn, x, key, *, antithetic=True, vocab_size=256):
@@ -371,10 +400,6 @@ def variance_minimising_vdm_loss(eps_fn, gamma_0, gamma_1, shape_fn, x, key, *, 
   Returns:
     (loss [B], terms {'prior', 'reconstruction', 'diffusion'}), nats per example.
   """
-  x = jnp.asarray(x)
-  key_eps0, key_t, key_eps = jax.random.split(key, 3)
-  eps0 = jax.random.normal(key_eps0, x.shape)
-  t = sample_times(key_t, x.shape[0], antithetic=antithetic)
-  eps = jax.random.normal(key_eps, x.shape)
+  t, eps, eps0 = draw_noise(key, jnp.shape(x), antithetic=antithetic)
   return variance_minimising_vdm_loss_from_noise(eps_fn, gamma_0, gamma_1, shape_fn, x, t, eps, eps0,
                                                  vocab_size=vocab_size)

@@ -12,13 +12,13 @@ vdm_jax.losses (Kingma et al. 2021):
   z_0 = sampling.ancestral_sample(model.eps_fn(params), model.gamma_fn(params), key, shape)
 """
 import dataclasses
-import math
 from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm_jax import _numerics
 from vdm_jax import decoders
 from vdm_jax import guidance
 from vdm_jax import losses
@@ -32,10 +32,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def _fail(field, expected, given):
   raise ValueError(f"ModelConfig.{field}: expected {expected}, given {given!r}")
-
-
-def _is_int(v):
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +68,14 @@ class ModelConfig:
     self._check_network()
 
   def _check_basic(self):
-    if not (_is_int(self.vocab_size) and self.vocab_size >= 2):
+    if not (_numerics.is_int(self.vocab_size) and self.vocab_size >= 2):
       _fail("vocab_size", "an int >= 2", self.vocab_size)
-    if len(self.image_shape) != 3 or not all(_is_int(d) and d > 0 for d in self.image_shape):
+    if len(self.image_shape) != 3 or not all(_numerics.is_int(d) and d > 0 for d in self.image_shape):
       _fail("image_shape", "(H, W, C) of positive ints", self.image_shape)
-    if not (_is_int(self.num_classes) and self.num_classes >= 0):
+    if not (_numerics.is_int(self.num_classes) and self.num_classes >= 0):
       _fail("num_classes", "an int >= 0", self.num_classes)
     f = self.fourier_exponents
-    if not (isinstance(f, (tuple, list)) and f and all(_is_int(n) and 0 <= n <= 16 for n in f)):
+    if not (isinstance(f, (tuple, list)) and f and all(_numerics.is_int(n) and 0 <= n <= 16 for n in f)):
       _fail("fourier_exponents", "a non-empty tuple of ints in [0, 16]", f)
     object.__setattr__(self, "fourier_exponents", tuple(int(n) for n in f))
     if self.network not in NETWORKS:
@@ -90,7 +86,7 @@ class ModelConfig:
       _fail("dtype", f"one of {tuple(DTYPES)}", self.dtype)
     if not self.gamma_max > self.gamma_min:
       _fail("gamma_max", f"> gamma_min = {self.gamma_min}", self.gamma_max)
-    if not (_is_int(self.num_steps) and self.num_steps >= 0):
+    if not (_numerics.is_int(self.num_steps) and self.num_steps >= 0):
       _fail("num_steps", "an int >= 0 (0 = continuous time)", self.num_steps)
     for name in ("dropout", "label_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
@@ -102,23 +98,23 @@ class ModelConfig:
 
   def _check_network(self):
     h, w, _ = self.image_shape
-    if not (_is_int(self.n_embd) and self.n_embd >= 4):
+    if not (_numerics.is_int(self.n_embd) and self.n_embd >= 4):
       _fail("n_embd", "an int >= 4", self.n_embd)
-    if not (_is_int(self.n_layer) and self.n_layer >= 0):
+    if not (_numerics.is_int(self.n_layer) and self.n_layer >= 0):
       _fail("n_layer", "an int >= 0", self.n_layer)
     if self.network == "score_unet" and self.n_embd % 32:
       _fail("n_embd", "a multiple of 32 (GroupNorm with 32 groups) for score_unet", self.n_embd)
     if self.network == "unet":
-      if not self.channel_mult or not all(_is_int(m) and m > 0 for m in self.channel_mult):
+      if not self.channel_mult or not all(_numerics.is_int(m) and m > 0 for m in self.channel_mult):
         _fail("channel_mult", "a non-empty tuple of positive ints", self.channel_mult)
       factor = 2 ** (len(self.channel_mult) - 1)
       if h % factor or w % factor:
         _fail("image_shape", f"H, W divisible by {factor} for {len(self.channel_mult)} levels",
               self.image_shape)
     if self.network == "dit":
-      if not (_is_int(self.patch_size) and self.patch_size > 0) or h % self.patch_size or w % self.patch_size:
+      if not (_numerics.is_int(self.patch_size) and self.patch_size > 0) or h % self.patch_size or w % self.patch_size:
         _fail("patch_size", f"a positive divisor of H={h} and W={w}", self.patch_size)
-      if not (_is_int(self.num_heads) and self.num_heads > 0) or self.n_embd % (4 * self.num_heads):
+      if not (_numerics.is_int(self.num_heads) and self.num_heads > 0) or self.n_embd % (4 * self.num_heads):
         _fail("n_embd", f"a multiple of 4 * num_heads = {4 * self.num_heads} for dit", self.n_embd)
 
 
@@ -289,19 +285,11 @@ class VDM:
       (loss [B], metrics): nats per example summed over H, W, C; metrics holds [B] arrays
       "prior", "reconstruction", "diffusion" (nats) and "bpd" (bits per dimension).
     """
-    c = self.config
     key_noise, key_net = jax.random.split(key)
-    x, eps_fn = self._prepare(params, x, labels, conditioning, train, key_net)
-    if c.variance_minimising:
-      gamma_0, gamma_1, shape_fn = self._split_schedule(params)
-      loss, terms = losses.variance_minimising_vdm_loss(
-          eps_fn, gamma_0, gamma_1, shape_fn, x, key_noise, antithetic=c.antithetic,
-          vocab_size=c.vocab_size)
-    else:
-      loss, terms = losses.vdm_loss(eps_fn, self.gamma_fn(params), x, key_noise,
-                                    num_steps=c.num_steps, antithetic=c.antithetic,
-                                    vocab_size=c.vocab_size)
-    return self._metrics(loss, terms)
+    x = self.check_x(x)
+    t, eps, eps0 = losses.draw_noise(key_noise, x.shape, antithetic=self.config.antithetic)
+    return self.loss_from_noise(params, x, t, eps, eps0, labels=labels, conditioning=conditioning,
+                                train=train, key=key_net)
 
   def loss_from_noise(self, params, x, t, eps, eps0, *, labels=None, conditioning=None,
                       train=False, key=None):

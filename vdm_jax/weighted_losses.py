@@ -13,7 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vdm_jax import _numerics
 from vdm_jax import gaussian
+from vdm_jax import losses
 from vdm_jax import schedules
 
 
@@ -105,7 +107,7 @@ def simple_loss(target, prediction, *, kind="mse", huber_delta=1.0):
     per_dim = jnp.where(abs_r <= huber_delta, 0.5 * jnp.square(r), huber_delta * (abs_r - 0.5 * huber_delta))
   else:
     raise ValueError(f"kind must be 'mse', 'l1' or 'huber', got {kind!r}")
-  return jnp.sum(per_dim.reshape(per_dim.shape[0], -1), axis=-1)
+  return _numerics.sum_per_example(per_dim)
 
 
 def elbo_weight(lam):
@@ -173,11 +175,7 @@ def weighted_diffusion_loss(eps, eps_hat, gamma_t, dgamma_dt, weight_fn):
   Returns:
     weighted loss per example summed over H, W, C: [B] (nats for w = 1).
   """
-  eps, eps_hat = jnp.asarray(eps), jnp.asarray(eps_hat)
-  if eps.shape != eps_hat.shape or eps.ndim < 1:
-    raise ValueError(f"eps and eps_hat must have the same shape [B, ...], got {eps.shape}, {eps_hat.shape}")
-  sq = jnp.sum(jnp.square(eps - eps_hat).reshape(eps.shape[0], -1), axis=-1)
-  return 0.5 * weight_fn(-jnp.asarray(gamma_t)) * dgamma_dt * sq
+  return weight_fn(-jnp.asarray(gamma_t)) * losses.diffusion_loss(eps, eps_hat, dgamma_dt)
 
 
 def weighted_diffusion_loss_from_noise(eps_fn, gamma_fn, f, t, eps, *, weight_fn=elbo_weight):
@@ -194,6 +192,5 @@ def weighted_diffusion_loss_from_noise(eps_fn, gamma_fn, f, t, eps, *, weight_fn
   Returns:
     weighted loss per example summed over H, W, C: [B].
   """
-  gamma_t, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
-  eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
-  return weighted_diffusion_loss(eps, eps_hat, gamma_t, dgamma, weight_fn)
+  eps_hat, gamma_t, dgamma_dt = losses.eps_prediction(eps_fn, gamma_fn, f, t, eps)
+  return weighted_diffusion_loss(eps, eps_hat, gamma_t, dgamma_dt, weight_fn)
