@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import guidance
+from vdm_jax.sampling import editing
+from vdm_jax.sampling import guidance
 from vdm_jax import schedules
 from vdm_jax.testing import gaussian_mixture
 
@@ -44,7 +45,7 @@ def test_guidance_extrapolates_away_from_the_unconditional_prediction():
 def test_slerp_hits_the_endpoints_and_keeps_the_norm_between_orthogonal_vectors():
   z_a = jnp.asarray([[3.0, 0.0]])
   z_b = jnp.asarray([[0.0, 3.0]])
-  out = guidance.slerp(z_a, z_b, jnp.asarray([0.0, 0.3, 1.0]))
+  out = editing.slerp(z_a, z_b, jnp.asarray([0.0, 0.3, 1.0]))
   np.testing.assert_array_equal(out[0], z_a)
   np.testing.assert_allclose(out[2], z_b, atol=1e-6)
   np.testing.assert_allclose(jnp.linalg.norm(out[1]), 3.0, rtol=1e-6)
@@ -61,11 +62,11 @@ def test_interpolation_at_lambda_zero_and_one_reproduces_the_reconstructions(sto
 
   @jax.jit
   def run(f_a, f_b, key):
-    out = guidance.interpolate(eps_fn, GAMMA_FN, f_a, f_b, jnp.asarray([0.0, 0.5, 1.0]), t=0.7, num_steps=20,
+    out = editing.interpolate(eps_fn, GAMMA_FN, f_a, f_b, jnp.asarray([0.0, 0.5, 1.0]), t=0.7, num_steps=20,
                                key=key)
-    rec_a = guidance.reconstruct(eps_fn, GAMMA_FN, f_a[None], t=0.7, num_steps=20,
+    rec_a = editing.reconstruct(eps_fn, GAMMA_FN, f_a[None], t=0.7, num_steps=20,
                                  key=None if key is None else jax.random.fold_in(key, 0))
-    rec_b = guidance.reconstruct(eps_fn, GAMMA_FN, f_b[None], t=0.7, num_steps=20,
+    rec_b = editing.reconstruct(eps_fn, GAMMA_FN, f_b[None], t=0.7, num_steps=20,
                                  key=None if key is None else jax.random.fold_in(key, 1))
     return out, rec_a[0], rec_b[0]
 
@@ -82,8 +83,8 @@ def test_reconstruction_from_small_t_stays_close_and_from_t_one_forgets_the_imag
 
   @jax.jit
   def run(key):
-    near = guidance.reconstruct(eps_fn, GAMMA_FN, f, t=0.3, num_steps=30, key=key)
-    far = guidance.reconstruct(eps_fn, GAMMA_FN, f, t=1.0, num_steps=30, key=key)
+    near = editing.reconstruct(eps_fn, GAMMA_FN, f, t=0.3, num_steps=30, key=key)
+    far = editing.reconstruct(eps_fn, GAMMA_FN, f, t=1.0, num_steps=30, key=key)
     return near, far
 
   near, far = run(_fresh_key())
@@ -99,4 +100,4 @@ def test_bad_inputs_raise_value_error():
   with pytest.raises(ValueError, match="weight"):
     guidance.classifier_free_guidance(_cond_eps_fn, jnp.zeros((2,), jnp.int32), 10, -1.0)
   with pytest.raises(ValueError, match="t must"):
-    guidance.reconstruct(_cond_eps_fn, GAMMA_FN, jnp.zeros((1, 2)), t=0.0)
+    editing.reconstruct(_cond_eps_fn, GAMMA_FN, jnp.zeros((1, 2)), t=0.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vdm_jax import gaussian
-from vdm_jax import ode
+
 from vdm_jax import sampling
 from vdm_jax import schedules
 from vdm_jax.testing import gaussian_mixture
@@ -106,7 +106,7 @@ def test_ancestral_step_matches_the_reference_sample_step(reference_dir):
   inputs = np.load(reference_dir / "inputs.npz")
   out = np.load(reference_dir / "outputs_fixed.npz")
   num_steps, i = int(inputs["sample_T"]), int(inputs["sample_i"])
-  t, s = ode.time_grid(num_steps)[i], ode.time_grid(num_steps)[i + 1]
+  t, s = sampling.time_grid(num_steps)[i], sampling.time_grid(num_steps)[i + 1]
   assert float(t) == float(out["sample_t"]) and float(s) == float(out["sample_s"])
   seen = []
 
@@ -174,7 +174,7 @@ def test_ode_solver_converges_to_the_exact_flow_at_its_order(solver, order):
   a0, _, v0 = _moments(GAMMA_FN(0.0))
   a1, _, v1 = _moments(GAMMA_FN(1.0))
   exact = a0 * MU + np.sqrt(v0 / v1) * (np.asarray(z_1, np.float64) - a1 * MU)
-  errors = [np.abs(ode.ode_solve(eps_fn, GAMMA_FN, z_1, ode.time_grid(n), solver=solver) - exact).max()
+  errors = [np.abs(sampling.ode_solve(eps_fn, GAMMA_FN, z_1, sampling.time_grid(n), solver=solver) - exact).max()
             for n in (40, 80)]
   assert errors[1] / errors[0] < 0.5**order * 1.3
 

@@ -14,13 +14,13 @@ Networks, the model object and the trainer live in `vdm_jax.nets`,
 from vdm_jax import ddpm
 from vdm_jax import decoders
 from vdm_jax import gaussian
-from vdm_jax import guidance
 from vdm_jax import likelihood
 from vdm_jax import losses
-from vdm_jax import ode
 from vdm_jax import sampling
 from vdm_jax import schedules
 from vdm_jax import weighted_losses
+from vdm_jax.sampling import guidance  # vdm_jax.guidance and vdm_jax.ode: their old homes
+from vdm_jax.sampling import ode
 from vdm_jax.ddpm import ddpm_bound
 from vdm_jax.decoders import categorical_logprobs
 from vdm_jax.decoders import decode
@@ -29,8 +29,6 @@ from vdm_jax.gaussian import forward_marginal
 from vdm_jax.gaussian import kl_normal
 from vdm_jax.gaussian import posterior
 from vdm_jax.gaussian import transition
-from vdm_jax.guidance import classifier_free_guidance
-from vdm_jax.guidance import interpolate
 from vdm_jax.likelihood import evaluate_bpd
 from vdm_jax.losses import bits_per_dim
 from vdm_jax.losses import diffusion_loss
@@ -41,7 +39,9 @@ from vdm_jax.losses import variance_minimising_vdm_loss
 from vdm_jax.losses import vdm_loss
 from vdm_jax.losses import vdm_loss_from_noise
 from vdm_jax.sampling import ancestral_sample
+from vdm_jax.sampling import classifier_free_guidance
 from vdm_jax.sampling import ddim_sample
+from vdm_jax.sampling import interpolate
 from vdm_jax.sampling import ode_sample
 from vdm_jax.schedules import alpha_sigma
 from vdm_jax.schedules import cosine

@@ -20,10 +20,10 @@ import numpy as np
 
 from vdm_jax import _numerics
 from vdm_jax import decoders
-from vdm_jax import guidance
 from vdm_jax import losses
 from vdm_jax import nets
 from vdm_jax import schedules
+from vdm_jax.sampling import guidance
 
 NETWORKS = ("score_unet", "unet", "dit")
 SCHEDULES = ("fixed_linear", "learned_linear", "learned_nnet", "learned_monotone", "cosine")

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.nets import layers
-from vdm_jax.nets.score_unet import check_inputs
 
 Dtype = Any
 
@@ -109,7 +108,7 @@ class DiT(nn.Module):
   @nn.compact
   def __call__(self, z, g_t, conditioning=None, labels=None, *, train=False):
     """Predicts the noise; z [B, H, W, C], g_t scalar or [B] -> eps_hat [B, H, W, C]."""
-    check_inputs(z, g_t, conditioning, labels, self.num_classes)
+    layers.check_inputs(z, g_t, conditioning, labels, self.num_classes)
     self._check(z)
     b, hgt, wid, c = z.shape
     p, d = self.patch_size, self.n_embd

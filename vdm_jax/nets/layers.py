@@ -21,6 +21,23 @@ Dtype = Any
 NUM_GROUPS = 32
 
 
+def check_inputs(z, g_t, conditioning, labels, num_classes):
+  """Shape checks shared by all networks; raises ValueError naming expected and given."""
+  if z.ndim != 4:
+    raise ValueError(f"z must have rank 4 [B, H, W, C], given shape {z.shape}")
+  batch = z.shape[0]
+  g_shape = jnp.shape(g_t)
+  if len(g_shape) > 1 or (len(g_shape) == 1 and g_shape[0] != batch):
+    raise ValueError(f"g_t must be a scalar or have shape ({batch},), given shape {g_shape}")
+  if conditioning is not None and jnp.shape(conditioning) != (batch,):
+    raise ValueError(f"conditioning must have shape ({batch},), given {jnp.shape(conditioning)}")
+  if labels is not None:
+    if num_classes == 0:
+      raise ValueError("labels were given to a network built with num_classes=0")
+    if jnp.shape(labels) != (batch,):
+      raise ValueError(f"labels must have shape ({batch},), given {jnp.shape(labels)}")
+
+
 def timestep_embedding(tau, dim):
   r"""Sinusoidal embedding of a normalised noise level (Vaswani et al. 2017).
 

@@ -16,23 +16,6 @@ from vdm_jax.nets import layers
 Dtype = Any
 
 
-def check_inputs(z, g_t, conditioning, labels, num_classes):
-  """Shape checks shared by all networks; raises ValueError naming expected and given."""
-  if z.ndim != 4:
-    raise ValueError(f"z must have rank 4 [B, H, W, C], given shape {z.shape}")
-  batch = z.shape[0]
-  g_shape = jnp.shape(g_t)
-  if len(g_shape) > 1 or (len(g_shape) == 1 and g_shape[0] != batch):
-    raise ValueError(f"g_t must be a scalar or have shape ({batch},), given shape {g_shape}")
-  if conditioning is not None and jnp.shape(conditioning) != (batch,):
-    raise ValueError(f"conditioning must have shape ({batch},), given {jnp.shape(conditioning)}")
-  if labels is not None:
-    if num_classes == 0:
-      raise ValueError("labels were given to a network built with num_classes=0")
-    if jnp.shape(labels) != (batch,):
-      raise ValueError(f"labels must have shape ({batch},), given {jnp.shape(labels)}")
-
-
 class ScoreUNet(nn.Module):
   """eps_hat = net(z, g_t, conditioning, labels, train=...), reference layout.
 
@@ -73,7 +56,7 @@ class ScoreUNet(nn.Module):
     Returns:
       eps_hat, [B, H, W, C] (float32 for float32 z).
     """
-    check_inputs(z, g_t, conditioning, labels, self.num_classes)
+    layers.check_inputs(z, g_t, conditioning, labels, self.num_classes)
     batch, n = z.shape[0], self.n_embd
     cond = layers.conditioning_vector(
         g_t, conditioning, labels, batch=batch, n_embd=n, gamma_min=self.gamma_min,

@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vdm_jax.nets import layers
-from vdm_jax.nets.score_unet import check_inputs
 
 Dtype = Any
 
@@ -96,7 +95,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, z, g_t, conditioning=None, labels=None, *, train=False):
     """Predicts the noise; z [B, H, W, C], g_t scalar or [B] -> eps_hat [B, H, W, C]."""
-    check_inputs(z, g_t, conditioning, labels, self.num_classes)
+    layers.check_inputs(z, g_t, conditioning, labels, self.num_classes)
     self._check(z)
     cond = layers.conditioning_vector(
         g_t, conditioning, labels, batch=z.shape[0], n_embd=self.n_embd,

@@ -1,63 +1,59 @@
-r"""Classifier-free guidance, and image editing through the encoders: reconstruction
-from a partially noised image (SDEdit-like) and interpolation between two images.
+r"""Editing through the deterministic encoder: DDIM encode/decode, reconstruction from a
+partially noised image (SDEdit-like), and interpolation between two images.
 
-`eps_fn(z_t, gamma_t)` maps z [B, ...] and gamma [B] to eps_hat [B, ...];
-`gamma_fn(t)` maps [B] to [B]. Images enter as encoded data f in [-1, 1]
-(vdm_jax.decoders.encode(x)) and leave as latents z_0 (decode with
-vdm_jax.sampling.to_data).
+Images enter as encoded data f in [-1, 1] (vdm_jax.decoders.encode(x)) and leave as
+latents z_0 (decode with vdm_jax.sampling.to_data). `eps_fn(z_t, gamma_t)` maps
+z [B, ...] and gamma [B] to eps_hat [B, ...]; `gamma_fn(t)` maps [B] to [B].
 """
 import jax
 import jax.numpy as jnp
 
 from vdm_jax import gaussian
-from vdm_jax import ode
-from vdm_jax import sampling
+from vdm_jax.sampling import grid
+from vdm_jax.sampling import ode
 
 
-def classifier_free_guidance(cond_eps_fn, labels, null_label, weight):
-  r"""Wraps a conditional noise model into a guided eps_fn (Ho & Salimans 2022).
+def ddim_encode(eps_fn, gamma_fn, z, *, t_start=0.0, t_end=1.0, num_steps=50, solver="euler"):
+  r"""Deterministic DDIM encoder: integrates the probability-flow ODE upwards, z_{t_start} -> z_{t_end}.
 
-    eps_guided(z, gamma) = (1 + w) eps(z, gamma, c) - w eps(z, gamma, null)
-                         = eps_c + w (eps_c - eps_null)
-  Both predictions come from one call of cond_eps_fn on the doubled batch
-  [z, z] with labels [c, null].
+  With solver="euler" (DDIM, Song et al. 2021, sec. 4.3) step i uses eps_hat at the
+  current point, z <- ddim_update(z, eps_hat, gamma_i, gamma_{i+1}); `ddim_decode` on
+  the same grid inverts it up to the O(1/N) discretisation error (about 0.03 max
+  abs at N = 200 for unit-scale data). The second-order solvers of vdm_jax.ode
+  ("dpm_solver_2m", "heun") invert far more accurately (about 1e-4 at N = 50).
+  For an image, start from z_0 = alpha_0 f.
 
   Args:
-    cond_eps_fn: cond_eps_fn(z [B, ...], gamma [B], labels [B]) -> eps_hat [B, ...].
-    labels: int [B] class labels c.
-    null_label: the label of the unconditional model (e.g. num_classes).
-    weight: guidance weight w >= 0 (w = 0 gives the conditional model), may be traced.
+    eps_fn, gamma_fn: as in `ddim_sample`.
+    z: latent at t_start, [B, ...].
+    t_start < t_end: times in [0, 1].
+    num_steps: N intervals.
+    solver: "euler" (DDIM), "dpm_solver_2m" or "heun".
 
   Returns:
-    eps_fn(z_t [B, ...], gamma_t scalar or [B]) -> eps_hat [B, ...].
+    z at t_end, shape of z.
   """
-  labels = jnp.asarray(labels)
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be 1-D [B], got shape {labels.shape}")
-  if not isinstance(weight, jax.Array) and not weight >= 0:
-    raise ValueError(f"guidance weight must be >= 0, got {weight!r}")
-  null = jnp.full_like(labels, null_label)
+  if not 0.0 <= t_start < t_end <= 1.0:
+    raise ValueError(f"ddim_encode needs 0 <= t_start < t_end <= 1, got {t_start}, {t_end}")
+  times = grid.time_grid(num_steps, t_start=t_end, t_end=t_start)[::-1]
+  return ode.ode_solve(eps_fn, gamma_fn, z, times, solver=solver)
 
-  def eps_fn(z_t, gamma_t):
-    batch = z_t.shape[0]
-    if batch != labels.shape[0]:
-      raise ValueError(f"z_t has batch {batch} but {labels.shape[0]} labels were bound")
-    gamma = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (batch,))
-    eps = cond_eps_fn(jnp.concatenate([z_t, z_t]), jnp.concatenate([gamma, gamma]),
-                      jnp.concatenate([labels, null]))
-    eps_c, eps_null = eps[:batch], eps[batch:]
-    return eps_c + weight * (eps_c - eps_null)
 
-  return eps_fn
+def ddim_decode(eps_fn, gamma_fn, z, *, t_start=1.0, t_end=0.0, num_steps=50, solver="euler"):
+  """Deterministic DDIM decoder (eta = 0) from z at t_start down to t_end; inverse of `ddim_encode`."""
+  if not 0.0 <= t_end < t_start <= 1.0:
+    raise ValueError(f"ddim_decode needs 0 <= t_end < t_start <= 1, got {t_start}, {t_end}")
+  times = grid.time_grid(num_steps, t_start=t_start, t_end=t_end)
+  return ode.ode_solve(eps_fn, gamma_fn, z, times, solver=solver)
 
 
 def _encode(eps_fn, gamma_fn, f, key, t, num_steps):
   """z_t from images f [B, ...]: q(z_t | x) sample with `key`, or the DDIM encoder from alpha_0 f."""
   if key is not None:
-    gamma_t = ode.gamma_at(gamma_fn, t, f.shape[0])
+    gamma_t = grid.gamma_at(gamma_fn, t, f.shape[0])
     return gaussian.sample_forward(f, gamma_t, jax.random.normal(key, f.shape, jnp.float32))
-  z_0, _ = gaussian.forward_marginal(f, ode.gamma_at(gamma_fn, 0.0, f.shape[0]))
-  return sampling.ddim_encode(eps_fn, gamma_fn, z_0, t_end=t, num_steps=num_steps)
+  z_0, _ = gaussian.forward_marginal(f, grid.gamma_at(gamma_fn, 0.0, f.shape[0]))
+  return ddim_encode(eps_fn, gamma_fn, z_0, t_end=t, num_steps=num_steps)
 
 
 def _check_t(t):
@@ -86,7 +82,7 @@ def reconstruct(eps_fn, gamma_fn, f, *, t, num_steps=50, key=None):
   _check_t(t)
   f = jnp.asarray(f, jnp.float32)
   z_t = _encode(eps_fn, gamma_fn, f, key, t, num_steps)
-  return sampling.ddim_decode(eps_fn, gamma_fn, z_t, t_start=t, num_steps=num_steps)
+  return ddim_decode(eps_fn, gamma_fn, z_t, t_start=t, num_steps=num_steps)
 
 
 def slerp(z_a, z_b, lam):
@@ -142,4 +138,4 @@ def interpolate(eps_fn, gamma_fn, f_a, f_b, lambdas, *, t=0.8, num_steps=50, key
     z_a = _encode(eps_fn, gamma_fn, f_a[None], jax.random.fold_in(key, 0), t, num_steps)[0]
     z_b = _encode(eps_fn, gamma_fn, f_b[None], jax.random.fold_in(key, 1), t, num_steps)[0]
   z_t = slerp(z_a, z_b, lambdas)
-  return sampling.ddim_decode(eps_fn, gamma_fn, z_t, t_start=t, num_steps=num_steps)
+  return ddim_decode(eps_fn, gamma_fn, z_t, t_start=t, num_steps=num_steps)

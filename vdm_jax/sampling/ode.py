@@ -1,4 +1,4 @@
-r"""Probability-flow ODE samplers and the time grids shared by all samplers.
+r"""Probability-flow ODE samplers: DPM-Solver++(2M), Heun, Euler (= DDIM).
 
 The probability-flow ODE of the variance-preserving diffusion, written in the
 scaled variables xbar = z / alpha and sigmabar = sigma / alpha = exp(gamma / 2)
@@ -12,101 +12,20 @@ and in log-SNR time, with the data prediction x0_hat = (z - sigma eps_hat) / alp
   z_t = (sigma_t / sigma_s) z_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x0_hat d lambda
                                                            (Lu et al. 2022, eq. 9).
 
-A step from (z, gamma_cur) to gamma_next with eps_hat held fixed is DDIM
-(Song et al. 2021) = DPM-Solver-1:
-
-  z_next = (alpha_next / alpha_cur) z - sigma_next expm1((gamma_cur - gamma_next) / 2) eps_hat.
-
-It is exact for either direction of time, so the same step encodes (t up) and
-decodes (t down). `eps_fn(z_t, gamma_t)` maps z [B, ...] and gamma [B] to
+The Euler step in these variables is DDIM (vdm_jax.sampling.ddim.ddim_update); it is
+exact for either direction of time, so the solvers encode (t up) and decode (t down). `eps_fn(z_t, gamma_t)` maps z [B, ...] and gamma [B] to
 eps_hat [B, ...]; `gamma_fn(t)` maps [B] to [B].
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vdm_jax import gaussian
+from vdm_jax import schedules
 from vdm_jax import weighted_losses
+from vdm_jax.sampling import ddim
+from vdm_jax.sampling import grid
 
 SOLVERS = ("dpm_solver_2m", "heun", "euler")
-
-
-def check_shape(shape):
-  """Returns `shape` as a tuple of positive ints with a leading batch axis, else raises ValueError."""
-  try:
-    shape = tuple(int(d) for d in shape)
-  except TypeError as err:
-    raise ValueError(f"shape must be a sequence of ints like (B, H, W, C), got {shape!r}") from err
-  if len(shape) < 2 or min(shape) < 1:
-    raise ValueError(f"shape must be (B, ...) with at least 2 positive dims, got {shape}")
-  return shape
-
-
-def check_num_steps(num_steps):
-  """Returns num_steps if it is an int >= 1, else raises ValueError."""
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-  return int(num_steps)
-
-
-def time_grid(num_steps, *, t_start=1.0, t_end=0.0):
-  r"""Uniform time grid t_i = t_end + (t_start - t_end) (N - i) / N, i = 0..N.
-
-  With t_start = 1 and t_end = 0 this is t_i = (N - i) / N computed in float32,
-  exactly as the reference sampler computes t and s.
-
-  Args:
-    num_steps: N >= 1 intervals.
-    t_start: first time (1.0 for sampling from the prior).
-    t_end: last time (0.0 returns z_0).
-
-  Returns:
-    float32 [N + 1], from t_start to t_end.
-  """
-  num_steps = check_num_steps(num_steps)
-  frac = jnp.arange(num_steps, -1, -1, dtype=jnp.float32) / num_steps
-  return t_end + (t_start - t_end) * frac
-
-
-def check_times(times):
-  """Validates a 1-D grid of >= 2 times in [0, 1], strictly monotone when concrete; returns float32."""
-  times = jnp.asarray(times, jnp.float32)
-  if times.ndim != 1 or times.shape[0] < 2:
-    raise ValueError(f"times must be 1-D with at least 2 entries, got shape {times.shape}")
-  try:
-    concrete = np.asarray(times)
-  except jax.errors.TracerArrayConversionError:  # traced grid: no value check possible
-    return times
-  diffs = np.diff(concrete)
-  if not (np.all(diffs < 0) or np.all(diffs > 0)) or concrete.min() < 0 or concrete.max() > 1:
-    raise ValueError(f"times must be strictly monotone and in [0, 1], got {concrete}")
-  return times
-
-
-def gamma_at(gamma_fn, t, batch):
-  """gamma_fn evaluated at the scalar time t as a [batch] vector (the network's gamma input)."""
-  return jnp.reshape(gamma_fn(jnp.full((batch,), t, jnp.float32)), (batch,))
-
-
-def ddim_update(z, eps_hat, gamma_cur, gamma_next):
-  r"""The deterministic DDIM / DPM-Solver-1 step from gamma_cur to gamma_next.
-
-    z_next = (alpha_next / alpha_cur) z - sigma_next expm1((gamma_cur - gamma_next) / 2) eps_hat
-  with alpha_next / alpha_cur = exp((softplus(gamma_cur) - softplus(gamma_next)) / 2).
-
-  Args:
-    z: latent at gamma_cur, [B, ...].
-    eps_hat: noise prediction at (z, gamma_cur), [B, ...].
-    gamma_cur, gamma_next: scalar or [B] (either order: decoding or encoding).
-
-  Returns:
-    latent at gamma_next, [B, ...].
-  """
-  g_cur = gaussian.broadcast_to_data(gamma_cur, z.ndim)
-  g_next = gaussian.broadcast_to_data(gamma_next, z.ndim)
-  alpha_ratio = jnp.exp(0.5 * (jax.nn.softplus(g_cur) - jax.nn.softplus(g_next)))
-  sigma_next = jnp.sqrt(jax.nn.sigmoid(g_next))
-  return alpha_ratio * z - sigma_next * jnp.expm1(0.5 * (g_cur - g_next)) * eps_hat
 
 
 def _dpm_solver_2m_update(z, x0, x0_prev, h_prev, gamma_cur, gamma_next, first):
@@ -124,7 +43,7 @@ def _dpm_solver_2m_update(z, x0, x0_prev, h_prev, gamma_cur, gamma_next, first):
   d = jnp.where(first, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev)
   # sigma_next / sigma_cur = exp((log sigmoid(g_next) - log sigmoid(g_cur)) / 2)
   sigma_ratio = jnp.exp(0.5 * (jax.nn.softplus(-g_cur) - jax.nn.softplus(-g_next)))
-  alpha_next = jnp.sqrt(jax.nn.sigmoid(-g_next))
+  alpha_next = schedules.alpha(g_next)
   return sigma_ratio * z - alpha_next * jnp.expm1(-h) * d, h
 
 
@@ -152,12 +71,12 @@ def ode_solve(eps_fn, gamma_fn, z, times, *, solver="dpm_solver_2m"):
   """
   if solver not in SOLVERS:
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-  times = check_times(times)
+  times = grid.check_times(times)
   z = jnp.asarray(z, jnp.float32)
   batch, num_steps = z.shape[0], times.shape[0] - 1
 
   def gammas(i):
-    return gamma_at(gamma_fn, times[i], batch), gamma_at(gamma_fn, times[i + 1], batch)
+    return grid.gamma_at(gamma_fn, times[i], batch), grid.gamma_at(gamma_fn, times[i + 1], batch)
 
   if solver == "dpm_solver_2m":
     def body(i, carry):
@@ -173,11 +92,11 @@ def ode_solve(eps_fn, gamma_fn, z, times, *, solver="dpm_solver_2m"):
   def body(i, z):
     g_cur, g_next = gammas(i)
     eps_hat = eps_fn(z, g_cur)
-    z_euler = ddim_update(z, eps_hat, g_cur, g_next)
+    z_euler = ddim.ddim_update(z, eps_hat, g_cur, g_next)
     if solver == "euler":
       return z_euler
     eps_next = eps_fn(z_euler, g_next)
-    return ddim_update(z, 0.5 * (eps_hat + eps_next), g_cur, g_next)
+    return ddim.ddim_update(z, 0.5 * (eps_hat + eps_next), g_cur, g_next)
 
   return jax.lax.fori_loop(0, num_steps, body, z)
 
@@ -199,7 +118,7 @@ def ode_sample(eps_fn, gamma_fn, key, shape, *, num_steps=25, solver="dpm_solver
   Returns:
     z_0, float32 of `shape` (decode with vdm_jax.decoders.decode).
   """
-  shape = check_shape(shape)
-  times = time_grid(num_steps) if times is None else check_times(times)
+  shape = grid.check_shape(shape)
+  times = grid.grid_or_default(num_steps, times)
   z_1 = jax.random.normal(key, shape, jnp.float32)
   return ode_solve(eps_fn, gamma_fn, z_1, times, solver=solver)
