@@ -45,7 +45,7 @@ def _float32_tracking_bound(num_steps, gamma, scale):
 
 
 def test_sigma_rel_and_gamma_invert_each_other_and_match_the_profile_std():
-  # EDM2 sec. 3.1 quotes gamma = 16.97 for sigma_rel = 0.05 and 6.94 for 0.10.
+  # EDM2's default widths (0.05, 0.10) have gamma = 16.97 and 6.94 (roots of eq. 126).
   assert ema.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=5e-3)
   assert ema.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=5e-3)
   assert ema.sigma_rel_to_gamma(ema.MAX_SIGMA_REL) == pytest.approx(0.0, abs=1e-9)
@@ -70,7 +70,8 @@ def test_power_weights_are_the_product_of_the_per_step_decays():
     # w_s = (1 - beta_s) prod_{k=s+1..T} beta_k, as a reversed cumulative product.
     later = np.append(np.cumprod(beta[::-1])[::-1][1:], 1.0)
     expected = (1.0 - beta) * later
-    np.testing.assert_allclose(ema.power_weights(num_steps, gamma), expected, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(ema.power_weights(num_steps, gamma), expected,
+                               rtol=1e-10, atol=1e-300)
     assert ema.power_weights(num_steps, gamma).sum() == pytest.approx(1.0, abs=1e-12)
 
 
@@ -94,7 +95,8 @@ def test_tracked_power_ema_equals_the_closed_form_weighted_sum():
   e = {"w": jnp.zeros(dim)}
   for step in range(1, 31):
     e = ema.update(e, {"w": trajectory[step - 1]}, step, gammas[2])
-  np.testing.assert_allclose(e["w"], tracked[29, 2], rtol=0, atol=_float32_tracking_bound(30, 0, scale))
+  np.testing.assert_allclose(e["w"], tracked[29, 2], rtol=0,
+                             atol=_float32_tracking_bound(30, 0, scale))
 
 
 def _snapshots(tracked, gammas, every):
@@ -110,7 +112,7 @@ def _snapshots(tracked, gammas, every):
 def _discrete_residual(snapshots, weights, gamma, num_steps):
   """d_s = sum_i w_i (weights of snapshot i on p_s) - (target weights on p_s), s = 1..T, float64."""
   d = -ema.power_weights(num_steps, gamma)
-  for (step, g), w in zip(snapshots, weights):
+  for (step, g), w in zip(snapshots, weights, strict=True):
     d[:step] += w * ema.power_weights(step, g)
   return d
 
@@ -146,11 +148,14 @@ def test_posthoc_reconstruction_matches_a_directly_tracked_third_profile():
 
   # Float32 tolerance: tracking error of each EMA combined with |w|_1, plus the sum's rounding.
   scale = np.abs(trajectory).max()
-  float_tol = ((1.0 + np.abs(weights).sum()) * _float32_tracking_bound(num_steps, min(tracked_gammas + [gamma]), scale)
-               + len(weights) * EPS32 * np.abs(weights).sum() * scale)
+  w_l1 = np.abs(weights).sum()
+  tracking = _float32_tracking_bound(num_steps, min(tracked_gammas + [gamma]), scale)
+  float_tol = (1.0 + w_l1) * tracking + len(weights) * EPS32 * w_l1 * scale
   # Exactly, recon - direct = sum_s d_s p_s (up to float32).
-  np.testing.assert_allclose(recon - direct, d @ trajectory.astype(np.float64), rtol=0, atol=float_tol)
-  # Stated bound: sum_s d_s = 0, so |recon - direct| <= ||d|| ||p - mean(p)|| <= ||R|| ||p - mean(p)||.
+  np.testing.assert_allclose(recon - direct, d @ trajectory.astype(np.float64),
+                             rtol=0, atol=float_tol)
+  # Stated bound: sum_s d_s = 0, so
+  #   |recon - direct| <= ||d|| ||p - mean(p)|| <= ||R|| ||p - mean(p)||  (per coordinate).
   spread = np.linalg.norm(trajectory - trajectory.mean(0), axis=0)
   bound = fit * target_norm * spread + abs(weights.sum() - 1.0) * scale + float_tol
   assert np.all(np.abs(recon - direct) <= bound), (np.abs(recon - direct) / bound).max()
@@ -183,19 +188,21 @@ def test_constant_trajectory_is_reconstructed_exactly_and_weights_sum_to_one():
   rng = np.random.default_rng(4)
   gammas = [ema.sigma_rel_to_gamma(s) for s in ema.DEFAULT_SIGMA_RELS]
   snapshots = [ema.Snapshot(step, g) for step in range(64, 1025, 64) for g in gammas]
-  constant = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": {"c": np.float32(rng.normal())}}
+  constant = {"a": rng.normal(size=(3, 4)).astype(np.float32),
+              "b": {"c": np.float32(rng.normal())}}
   scale = max(np.abs(constant["a"]).max(), abs(constant["b"]["c"]))
   sigma_rels = [0.02, 0.07, 0.15, 0.25]
   for step in [1024, 512]:
     sweep = ema.posthoc_weights_sweep(snapshots, sigma_rels, step=step)
     assert sweep.shape == (len(sigma_rels), len(snapshots))
-    for sigma_rel, weights in zip(sigma_rels, sweep):
-      np.testing.assert_allclose(weights, ema.posthoc_weights(snapshots, sigma_rel, step=step), rtol=0, atol=1e-12)
+    for sigma_rel, weights in zip(sigma_rels, sweep, strict=True):
+      single = ema.posthoc_weights(snapshots, sigma_rel, step=step)
+      np.testing.assert_allclose(weights, single, rtol=0, atol=1e-12)
       assert abs(weights.sum() - 1.0) < 1e-9
       assert np.all(weights[[s > step for s, _ in snapshots]] == 0.0)
       recon = ema.combine([constant] * len(snapshots), weights)
       # Each of the N float32 additions rounds by <= eps * |w|_1 * scale.
-      tol = len(snapshots) * EPS32 * np.abs(weights).sum() * scale + abs(weights.sum() - 1.0) * scale
+      tol = (len(snapshots) * EPS32 * np.abs(weights).sum() + abs(weights.sum() - 1.0)) * scale
       assert recon["a"].dtype == jnp.float32 and recon["b"]["c"].dtype == jnp.float32
       np.testing.assert_allclose(recon["a"], constant["a"], rtol=0, atol=tol)
       np.testing.assert_allclose(recon["b"]["c"], constant["b"]["c"], rtol=0, atol=tol)
@@ -208,7 +215,8 @@ def test_combine_skips_zero_weights_and_keeps_dtypes():
   assert out["w"].dtype == jnp.float32
 
 
-GOOD = [ema.Snapshot(10, 6.9), ema.Snapshot(10, 17.0), ema.Snapshot(20, 6.9), ema.Snapshot(20, 17.0)]
+GOOD = [ema.Snapshot(10, 6.9), ema.Snapshot(10, 17.0),
+        ema.Snapshot(20, 6.9), ema.Snapshot(20, 17.0)]
 
 
 @pytest.mark.parametrize("call, match", [
@@ -217,16 +225,19 @@ GOOD = [ema.Snapshot(10, 6.9), ema.Snapshot(10, 17.0), ema.Snapshot(20, 6.9), em
     (lambda: ema.sigma_rel_to_gamma(float("nan")), "sigma_rel must be in"),
     (lambda: ema.gamma_to_sigma_rel(-0.5), "gamma must be finite and >= 0"),
     (lambda: ema.power_weights(0, 1.0), "step must be an integer >= 1"),
-    (lambda: ema.update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, 1.0), "step must be an integer >= 1"),
+    (lambda: ema.update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, 1.0),
+     "step must be an integer >= 1"),
     (lambda: ema.posthoc_weights([], 0.1), "at least one snapshot"),
     (lambda: ema.posthoc_weights(GOOD[2:] + GOOD[:2], 0.1), "non-decreasing"),
     (lambda: ema.posthoc_weights(GOOD + GOOD[-1:], 0.1), "repeat"),
-    (lambda: ema.posthoc_weights(GOOD + [ema.Snapshot(30.5, 6.9)], 0.1), "step must be an integer"),
+    (lambda: ema.posthoc_weights(GOOD + [ema.Snapshot(30.5, 6.9)], 0.1),
+     "step must be an integer"),
     (lambda: ema.posthoc_weights(GOOD, 0.1, step=15), "must be one of the snapshot steps"),
     (lambda: ema.posthoc_weights(GOOD, 0.5), "sigma_rel must be in"),
     (lambda: ema.posthoc_weights_sweep(GOOD, []), "at least one target"),
     (lambda: ema.posthoc_fit_error(GOOD, [1.0], 0.1), "one per snapshot"),
-    (lambda: ema.combine([{"w": 1.0}] * 2, [0.5, 0.25, 0.25]), "got 2 snapshots for 3 weights"),
+    (lambda: ema.combine([{"w": 1.0}] * 2, [0.5, 0.25, 0.25]),
+     "got 2 snapshots for 3 weights"),
     (lambda: ema.combine([{"w": 1.0}] * 3, [0.5, 0.5]), "more snapshots than the 2 weights"),
     (lambda: ema.combine([], []), "non-empty 1-D"),
 ])

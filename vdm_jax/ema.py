@@ -16,7 +16,7 @@ the tracked EMA gives p_s the weight (product of the decays, telescoped)
   w_s = (1 - beta_s) prod_{k=s+1..t} beta_k = (s^(gamma+1) - (s-1)^(gamma+1)) / t^(gamma+1),
 which is exactly the integral of f_{t,gamma} over the step (s - 1, s].
 
-Post-hoc reconstruction (sec. 3.2, appendix C.3, Algorithm 3). Snapshots i of
+Post-hoc reconstruction (sec. 3.2, appendix C, Algorithm 3). Snapshots i of
 tracked EMAs, taken at steps t_i with exponents gamma_i, are combined as
 sum_i w_i params_i with the w_i that minimise the L2 distance over the time
 axis between sum_i w_i f_{t_i,gamma_i} and a target profile, subject to
@@ -213,7 +213,8 @@ def posthoc_fit_error(snapshots: Sequence[Snapshot], weights, sigma_rel: float, 
   target = _target_step(steps, step)
   weights = np.asarray(weights, np.float64)
   if weights.shape != steps.shape:
-    raise ValueError(f"weights must have shape {steps.shape} (one per snapshot), got {weights.shape}")
+    raise ValueError(f"weights must have shape {steps.shape} (one per snapshot), "
+                     f"got {weights.shape}")
   gamma = sigma_rel_to_gamma(sigma_rel)
   t = steps / target
   gram = _inner(t[:, None], gammas[:, None], t[None, :], gammas[None, :])
@@ -240,17 +241,17 @@ def combine(snapshot_params: Iterable[PyTree], weights) -> PyTree:
   if weights.ndim != 1 or weights.size == 0:
     raise ValueError(f"weights must be a non-empty 1-D array, got shape {weights.shape}")
   total, dtypes, count = None, None, 0
-  for count, params in enumerate(snapshot_params, start=1):
-    if count > weights.size:
+  for params in snapshot_params:
+    if count == weights.size:
       raise ValueError(f"got more snapshots than the {weights.size} weights")
     if total is None:
-      dtypes = jax.tree.map(lambda p: jnp.result_type(p), params)
+      dtypes = jax.tree.map(jnp.result_type, params)
       total = jax.tree.map(
           lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32)),
           params)
-    w = float(weights[count - 1])
-    if w != 0.0:
-      total = jax.tree.map(lambda acc, p: acc + w * p, total, params)
+    if weights[count] != 0.0:
+      total = _add_scaled(total, float(weights[count]), params)
+    count += 1
   if count != weights.size:
     raise ValueError(f"got {count} snapshots for {weights.size} weights")
   return jax.tree.map(lambda acc, dtype: acc.astype(dtype), total, dtypes)
@@ -270,6 +271,11 @@ def reconstruct(snapshots: Sequence[Snapshot], snapshot_params: Iterable[PyTree]
     the reconstructed parameter pytree.
   """
   return combine(snapshot_params, posthoc_weights(snapshots, sigma_rel, step=step))
+
+
+def _add_scaled(total: PyTree, w: float, params: PyTree) -> PyTree:
+  """total + w * params, leaf by leaf (w a Python float: keeps total's dtype)."""
+  return jax.tree.map(lambda acc, p: acc + w * p, total, params)
 
 
 def _inner(t_a, gamma_a, t_b, gamma_b):
@@ -310,7 +316,8 @@ def _check_snapshots(snapshots) -> tuple[np.ndarray, np.ndarray]:
   if len(snapshots) == 0:
     raise ValueError("post-hoc EMA needs at least one snapshot, got none")
   pairs = [(_check_step(s), _check_gamma(g)) for s, g in snapshots]
-  for (s0, g0), (s1, g1) in zip(pairs, pairs[1:]):
+  steps = [s for s, _ in pairs]
+  for s0, s1 in zip(steps[:-1], steps[1:], strict=True):
     if s1 < s0:
       raise ValueError(f"snapshot steps must be non-decreasing in the order saved, "
                        f"got step {s1} after step {s0}")
