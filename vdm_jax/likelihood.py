@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdm_jax import losses
+from vdm_jax.ode_likelihood import ode_loss_fn, ode_nll  # noqa: F401 (re-exported)
 
 
 def loss_fn_from_eps(eps_fn, gamma_fn, *, num_steps=0, vocab_size=256):

@@ -48,6 +48,7 @@ from vdm_jax import schedules
 PROBES = ("rademacher", "gaussian")
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], gamma_t [B]) -> eps_hat
 GammaFn = Callable[[jax.Array], jax.Array]  # t [B] -> gamma [B]
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]  # (params, batch, key)
 
 
 def _max_example_rms(tree):
@@ -130,8 +131,8 @@ def ode_nll(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.typing.ArrayLike, key: jax.
   Returns:
     (nll [B], info): nll in nats per example, summed over H, W, C; info holds [B] arrays
     "prior" and "divergence" (nats, nll = prior - divergence), "z_1" [B, ...], and int32
-    scalars "nfe" (eps_fn evaluations on the batch: 6 per Tsit5 step plus 3 to start) and
-    "num_steps" (accepted plus rejected steps).
+    scalars "nfe" (eps_fn evaluations on the batch, 6 per Tsit5 step plus 1, as counted by
+    a callback in the network) and "num_steps" (accepted plus rejected steps).
   """
   _check_solver_options(num_probes, probe, rtol, atol, max_steps)
   z = jnp.asarray(z, jnp.float32)
@@ -164,7 +165,7 @@ def ode_nll(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.typing.ArrayLike, key: jax.
   prior = 0.5 * _numerics.sum_per_example(jnp.square(z_1)) + 0.5 * dim * math.log(2.0 * math.pi)
   num_steps = solution.stats["num_steps"]
   info = {"prior": prior, "divergence": divergence, "z_1": z_1, "num_steps": num_steps,
-          "nfe": 6 * num_steps + 3}
+          "nfe": 6 * num_steps + 1}
   return prior - divergence, info
 
 
@@ -276,7 +277,7 @@ def ode_loss_fn(eps_fn_from_params: Callable[[Any, dict], EpsFn],
                 gamma_fn_from_params: Callable[[Any], GammaFn], *,
                 dequantization: str = "variational", vocab_size: int = 256,
                 num_probes: int = 1, exact_trace: bool = False, probe: str = "rademacher",
-                rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096) -> Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]:
+                rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096) -> LossFn:
   r"""A loss_fn(params, batch, key) -> (loss [B], terms) for likelihood.evaluate_bpd from the ODE.
 
   Upper bound on -log P(x) of integer data through the exact ODE likelihood (see the
