@@ -7,7 +7,7 @@ r"""Train, evaluate or sample a VDM.
 
 Any config field can be overridden with --config.a.b=value. Training resumes
 from the newest checkpoint in --workdir; --mode=eval and --mode=sample load
-the newest one (or --config.sample.checkpoint_step=N).
+the newest one (or --config.eval.checkpoint_step=N, --config.sample.checkpoint_step=N).
 
 Several hosts (or several processes on one machine): start the same command
 once per process with
@@ -70,7 +70,7 @@ def main(argv):
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
     result = run(config, _WORKDIR.value)
-  except (ValueError, train.train_loop.TrainingError) as err:
+  except (train.ConfigError, train.CheckpointError, train.TrainingError) as err:
     sys.exit(f"error: {err}")
   logging.info("%s result: %s", _MODE.value, result)
   if jax.process_index() == 0:

@@ -15,8 +15,7 @@ def get_config():
   config.model.n_embd = 128
   config.model.n_layer = 3
   config.model.channel_mult = (1, 2, 3, 4)
-  config.model.attention_resolutions = (16, 8)
-  config.model.with_attention = True
+  config.model.attention_resolutions = (16, 8)  # the unet network attends at these sizes
   config.model.dropout = 0.0
   config.optimizer.grad_clip_norm = 1.0
   config.training.batch_size = 256

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from vdm_jax import checkpoints
-from vdm_jax import data
+from vdm_jax.train import checkpoints
+from vdm_jax.train import data
 from vdm_jax import train
-from vdm_jax import train_loop
+from vdm_jax.train import inference
 from train_helpers import snapshot
 from train_helpers import tiny_config
 
@@ -106,7 +106,7 @@ def _no_checkpoint(config, workdir, monkeypatch):
 
 
 def _named_step(config, workdir, monkeypatch):
-  config.sample.checkpoint_step = 9
+  config.eval.checkpoint_step = 9  # --mode=eval reads eval.checkpoint_step
   return train.evaluate
 
 
@@ -222,10 +222,11 @@ def test_full_disk_at_a_checkpoint_names_disk_space_and_keeps_the_previous_check
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", no_space)
   # Steps that only count (no compile): the subject is the save.
-  monkeypatch.setattr(train.Setup, "train_step", lambda self, state, batch: (
-      state.replace(step=state.step + 1), {"nonfinite": jax.numpy.zeros(())}))
-  monkeypatch.setattr(train_loop, "evaluate_and_draw", lambda *args: {})
-  with pytest.raises(train_loop.TrainingError) as info:
+  count_only = lambda state, batch: (state.replace(step=state.step + 1),
+                                     {"nonfinite": jax.numpy.zeros(())})
+  monkeypatch.setattr(train.Setup, "compiled_train_step", lambda self: (count_only, None))
+  monkeypatch.setattr(inference, "evaluate_and_draw", lambda *args: {})
+  with pytest.raises(train.TrainingError) as info:
     train.train_and_evaluate(tiny_config(num_steps=7), str(workdir))
   message = str(info.value)
   assert "\n" not in message and "no disk space left" in message

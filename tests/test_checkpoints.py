@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import checkpoints
+from vdm_jax.train import checkpoints
 
 
 def _state(rng):
@@ -21,13 +21,13 @@ def _abstract(state):
 
 
 def _assert_tree_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _save_steps(directory, states, steps, max_to_keep):
   manager = checkpoints.make_manager(directory, max_to_keep=max_to_keep)
-  for step, state in zip(steps, states):
+  for step, state in zip(steps, states, strict=True):
     assert checkpoints.save(manager, step, state, {"epoch": step // 10, "index": step % 10})
   manager.close()
 

@@ -8,9 +8,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vdm_jax import data
+from vdm_jax.train import data
 from vdm_jax import model as model_lib
 from vdm_jax import train
+from vdm_jax.train import config as config_lib
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
     "*.py") if p.stem not in ("__init__", "default"))
@@ -29,7 +30,7 @@ def test_all_experiment_configs_are_listed():
 def test_config_model_fields_are_exactly_model_config_fields(name):
   config = _load(name)
   assert set(config.model.keys()) == {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  train.create_model(config)  # ModelConfig validation accepts it
+  config_lib.create_model(config)  # ModelConfig validation accepts it
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -72,7 +73,7 @@ def test_one_real_train_step_for_every_config(name, tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   config = _tiny(_load(name), tmp_path)
   with tfds.testing.mock_data(num_examples=4):
-    source = train.load_sources(config, ("train",))["train"]
+    source = data.load_sources(config, ("train",))["train"]
     batch = next(data.TrainIterator(source, batch_size=2, seed=0))
   assert batch["image"].shape[1:] == tuple(config.model.image_shape)
   setup = train.get_setup(config)

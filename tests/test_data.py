@@ -3,7 +3,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vdm_jax import data
+from vdm_jax.train import data
 
 
 def _source(n=23, shape=(4, 4, 1), seed=None):
@@ -17,8 +17,8 @@ def test_digits_split_is_fixed_1500_297_disjoint_and_in_vocab():
   assert train.images.shape[1:] == (8, 8, 1) and train.images.max() == 16 and train.images.min() == 0
   again = data.load_source("digits", "train")
   np.testing.assert_array_equal(train.images, again.images)
-  rows = {r.tobytes() + bytes([l]) for r, l in zip(train.images, train.labels)}
-  assert not any(r.tobytes() + bytes([l]) in rows for r, l in zip(test.images, test.labels))
+  rows = {r.tobytes() + bytes([label]) for r, label in zip(train.images, train.labels, strict=True)}
+  assert not any(r.tobytes() + bytes([label]) in rows for r, label in zip(test.images, test.labels, strict=True))
 
 
 def test_iterator_resumed_from_saved_state_repeats_the_uninterrupted_batches():
@@ -64,7 +64,7 @@ def test_eval_batches_visit_each_example_once_across_processes():
   for count in (1, 2):
     labels = [np.concatenate(list(parts)) for parts in zip(*[
         [b["label"] for b in data.eval_batches(source, batch_size=8, process_index=p,
-                                              process_count=count)] for p in range(count)])]
+                                              process_count=count)] for p in range(count)], strict=True)]
     np.testing.assert_array_equal(np.sort(np.concatenate(labels)), np.arange(23))
   limited = list(data.eval_batches(source, batch_size=8, num_examples=10))
   assert [len(b["label"]) for b in limited] == [8, 2]

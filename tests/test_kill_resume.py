@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from vdm_jax import checkpoints
+from vdm_jax.train import checkpoints
 from vdm_jax import train
 from train_helpers import tiny_config
 
@@ -135,6 +135,6 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
   step, state, position = _final_state(workdir)
   ref_step, ref_state, ref_position = _final_state(tmp_path / "reference")
   assert step == ref_step == NUM_STEPS and position == ref_position
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
     np.testing.assert_array_equal(a, b)
   assert stdout.strip().splitlines()[-1] == ref_stdout.strip().splitlines()[-1]

@@ -13,7 +13,6 @@ import pytest
 
 from vdm_jax import likelihood
 from vdm_jax import losses
-from vdm_jax import schedules
 
 # Shared with the 8-device subprocess: a fixed closed-form model and a dataset of 13 images.
 SETUP = textwrap.dedent("""

@@ -45,7 +45,7 @@ def test_vdm_loss_draws_eps0_then_t_then_eps_and_sums_its_terms():
   eps_fn = lambda z, g: 0.9 * z
   for num_steps, antithetic in ((10, False),):  # one mode: each jit of the full bound costs seconds
     loss, terms = jax.jit(lambda x, k: losses.vdm_loss(
-        eps_fn, gamma_fn, x, k, num_steps=num_steps, antithetic=antithetic))(x, key)
+        eps_fn, gamma_fn, x, k, num_steps=num_steps, antithetic=antithetic))(x, key)  # noqa: B023 (called in this iteration)
     key_eps0, key_t, key_eps = jax.random.split(key, 3)
     t = losses.sample_times(key_t, 3, antithetic=antithetic)
     expected, _ = jax.jit(functools.partial(losses.vdm_loss_from_noise, eps_fn, gamma_fn, num_steps=num_steps))(
@@ -232,7 +232,7 @@ def test_weighted_loss_is_the_lambda_integral_for_two_schedules_with_the_same_en
     key_x, key_t, key_eps = jax.random.split(_key(), 3)
     f = S * jax.random.normal(key_x, (num, 1))
     loss = jax.jit(lambda f, t, e: weighted_losses.weighted_diffusion_loss_from_noise(
-        _optimal_eps, gamma_fn, f, t, e, weight_fn=weight_fn))(f, jax.random.uniform(key_t, (num,)),
+        _optimal_eps, gamma_fn, f, t, e, weight_fn=weight_fn))(f, jax.random.uniform(key_t, (num,)),  # noqa: B023
                                                                jax.random.normal(key_eps, f.shape))
     _within_4_se(loss, expected)
 

@@ -144,7 +144,7 @@ def test_variance_minimising_keeps_the_value_and_gives_the_shape_the_second_mome
   # ulp of those terms): compare whole leaves in norm, at 5 %. A missing factor 2, or L in
   # place of L^2, is off by 50 % or more.
   assert jax.tree.structure(grad_vm["gamma"]) == jax.tree.structure(grad_sq["gamma"])
-  for a, b in zip(jax.tree.leaves(grad_vm["gamma"]["l2"]), jax.tree.leaves(grad_sq["gamma"]["l2"])):
+  for a, b in zip(jax.tree.leaves(grad_vm["gamma"]["l2"]), jax.tree.leaves(grad_sq["gamma"]["l2"]), strict=True):
     assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)
 
 

@@ -21,7 +21,8 @@ import sys
 import jax
 import numpy as np
 from configs import digits
-from vdm_jax import data, train
+from vdm_jax import train
+from vdm_jax.train import data
 
 def tiny_config():
   config = digits.get_config()

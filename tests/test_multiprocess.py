@@ -11,11 +11,10 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
 from configs import digits
-from vdm_jax import checkpoints
+from vdm_jax.train import checkpoints
 from vdm_jax import train
 from train_helpers import assert_params_match
 
@@ -67,7 +66,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
-  for proc, output in zip(procs, outputs):
+  for proc, output in zip(procs, outputs, strict=True):
     assert proc.returncode == 0, output[-3000:]
   assert "JAX process 1 of 2" in outputs[1]
 

@@ -13,11 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from vdm_jax import checkpoints
-from vdm_jax import data
+from vdm_jax.train import checkpoints
+from vdm_jax.train import data
+from vdm_jax import losses
 from vdm_jax import model as model_lib
 from vdm_jax import train
-from vdm_jax import train_loop
+from vdm_jax.train import config as config_lib
+from vdm_jax.train import inference
+from vdm_jax.train import setup as setup_lib
 from train_helpers import tiny_config
 
 NAN_LOSS, NAN_GRAD = -1, -2
@@ -76,7 +79,7 @@ def _host(tree):
 
 def _assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -98,7 +101,7 @@ def test_nonfinite_step_keeps_params_ema_and_optimizer_state_and_advances_the_st
   moved, metrics = setup.train_step(state, setup.global_batch(_batch()))
   assert float(jax.device_get(metrics["nonfinite"])) == 0.0
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_host(moved.params)),
-                                                       jax.tree.leaves(before.params)))
+                                                       jax.tree.leaves(before.params), strict=True))
 
 
 def _poison_calls(monkeypatch, calls, value=NAN_LOSS):
@@ -116,8 +119,8 @@ def _poison_calls(monkeypatch, calls, value=NAN_LOSS):
 
 def _run_poisoned(setup, config, workdir, monkeypatch):
   setup.config = config  # same model and optimizer: the compiled step is reused
-  monkeypatch.setattr(train, "get_setup", lambda _: setup)
-  monkeypatch.setattr(train_loop, "evaluate_and_draw", lambda *args: {"bpd": 0.0})
+  monkeypatch.setattr(setup_lib, "get_setup", lambda _: setup)
+  monkeypatch.setattr(inference, "evaluate_and_draw", lambda *args: {"bpd": 0.0})
   return train.train_and_evaluate(config, workdir)
 
 
@@ -126,7 +129,7 @@ def test_isolated_nonfinite_steps_are_skipped_logged_and_training_finishes(
   config = tiny_config(num_steps=10)
   config.training.max_nonfinite_steps = 2
   _poison_calls(monkeypatch, {2, 6, 7})  # steps 3, 7 and 8: 7 and 8 are 2 in a row
-  with pytest.raises(train_loop.TrainingError, match="2 consecutive steps up to step 8"):
+  with pytest.raises(train.TrainingError, match="2 consecutive steps up to step 8"):
     _run_poisoned(poisoned_setup, config, str(tmp_path / "two"), monkeypatch)
   config.training.max_nonfinite_steps = 3
   _poison_calls(monkeypatch, {2, 6, 7}, NAN_GRAD)
@@ -148,7 +151,7 @@ def test_k_consecutive_nonfinite_steps_stop_with_one_line_error_and_save_nothing
   config = tiny_config(num_steps=30)
   config.training.max_nonfinite_steps = 4
   _poison_calls(monkeypatch, set(range(6, 100)))  # from step 7 on
-  with pytest.raises(train_loop.TrainingError) as info:
+  with pytest.raises(train.TrainingError) as info:
     _run_poisoned(poisoned_setup, config, str(tmp_path), monkeypatch)
   message = str(info.value)
   assert "\n" not in message
@@ -203,7 +206,7 @@ def test_a_skipped_micro_batch_does_not_shift_the_accumulation_window():
   first update averages the gradients of b0 and b2, and the EMA moves once, with it."""
   config = tiny_config()
   config.optimizer.warmup_steps, config.optimizer.decay = 0, "constant"
-  plain = train.make_optimizer(config)[0]
+  plain = config_lib.optimizer_from_config(config)[0]
   config.optimizer.accumulation_steps = 2
   setup = train.Setup(config)
   setup.model = _PoisonedModel(setup.model)
@@ -224,8 +227,8 @@ def test_a_skipped_micro_batch_does_not_shift_the_accumulation_window():
 
   def grads(step, batch):
     key = jax.random.fold_in(initial.rng, step)
-    bpd = lambda p: jnp.mean(setup._bpd(setup.model.loss(p, jnp.asarray(batch["image"]), key,
-                                                         train=True)[0]))
+    bpd = lambda p: jnp.mean(losses.bits_per_dim(setup.model.loss(p, jnp.asarray(batch["image"]), key,
+                                                                  train=True)[0], 64))
     return jax.grad(bpd)(initial.params)
 
   mean = jax.tree.map(lambda a, b: (a + b) / 2, grads(0, batches[0]), grads(2, batches[2]))
@@ -237,7 +240,7 @@ def test_a_skipped_micro_batch_does_not_shift_the_accumulation_window():
   lr = config.optimizer.learning_rate
   for actual, wanted in ((states[2].params, expected), (states[2].ema_params, expected_ema)):
     assert jax.tree.structure(actual) == jax.tree.structure(wanted)
-    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(wanted)):
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(wanted), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5 * lr)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(states[2].ema_params),
-                                                       jax.tree.leaves(initial.ema_params)))
+                                                       jax.tree.leaves(initial.ema_params), strict=True))

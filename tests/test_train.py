@@ -9,10 +9,10 @@ import optax
 from PIL import Image
 import pytest
 
-from vdm_jax import checkpoints
-from vdm_jax import data
+from vdm_jax.train import checkpoints
+from vdm_jax.train import data
 from vdm_jax import train
-from vdm_jax import train_state
+from vdm_jax.train import step as step_lib
 from train_helpers import tiny_config
 
 
@@ -36,19 +36,19 @@ def test_weight_decay_mask_skips_biases_norm_scales_and_gamma():
   params = {"score_model": {"conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones(2)},
                             "norm": {"scale": jnp.ones(2)}},
             "gamma": {"l2": {"kernel": jnp.ones((1, 4))}, "w": jnp.ones(1)}}
-  mask = train_state.weight_decay_mask(params)
+  mask = step_lib.weight_decay_mask(params)
   assert mask["score_model"]["conv"] == {"kernel": True, "bias": False}
   assert mask["score_model"]["norm"]["scale"] is False
   assert mask["gamma"] == {"l2": {"kernel": False}, "w": False}
 
 
 def test_learning_rate_warms_up_linearly_then_cosine_decays_to_zero():
-  lr = train_state.learning_rate_schedule(learning_rate=2e-3, warmup_steps=10, decay="cosine",
+  lr = step_lib.learning_rate_schedule(learning_rate=2e-3, warmup_steps=10, decay="cosine",
                                           decay_steps=110)
   np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 1e-3, 2e-3], rtol=1e-6)
   np.testing.assert_allclose(lr(60), 1e-3, rtol=1e-5)  # half way through the cosine
   np.testing.assert_allclose(lr(110), 0.0, atol=1e-9)
-  constant = train_state.learning_rate_schedule(learning_rate=1e-3, warmup_steps=4)
+  constant = step_lib.learning_rate_schedule(learning_rate=1e-3, warmup_steps=4)
   np.testing.assert_allclose([constant(2), constant(1000)], [5e-4, 1e-3], rtol=1e-6)
 
 
@@ -58,12 +58,12 @@ def test_gradient_accumulation_equals_one_update_with_the_mean_gradient():
   g1, g2 = ({"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)} for _ in range(2))
   kwargs = dict(schedule=optax.constant_schedule(0.1), b1=0.9, b2=0.99, eps=1e-8,
                 weight_decay=0.01, grad_clip_norm=0.0)
-  acc = train_state.make_optimizer(accumulation_steps=2, **kwargs)
+  acc = step_lib.make_optimizer(accumulation_steps=2, **kwargs)
   state = acc.init(params)
   u1, state = acc.update(g1, state, params)
   np.testing.assert_array_equal(u1["w"], 0.0)
   u2, _ = acc.update(g2, state, params)
-  plain = train_state.make_optimizer(**kwargs)
+  plain = step_lib.make_optimizer(**kwargs)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
   expected, _ = plain.update(mean, plain.init(params), params)
   np.testing.assert_allclose(u2["w"], expected["w"], rtol=1e-6)
@@ -73,7 +73,7 @@ def test_global_norm_clipping_bounds_the_first_adam_input():
   rng = np.random.default_rng()
   params = {"w": jnp.zeros(4)}
   grads = {"w": jnp.asarray(rng.normal(size=4) * 100, jnp.float32)}
-  tx = train_state.make_optimizer(schedule=optax.constant_schedule(1.0), b1=0.0, b2=0.0,
+  tx = step_lib.make_optimizer(schedule=optax.constant_schedule(1.0), b1=0.0, b2=0.0,
                                   eps=0.0, weight_decay=0.0, grad_clip_norm=1.0)
   updates, _ = tx.update(grads, tx.init(params), params)
   # With b1 = b2 = 0 Adam returns -sign(g); clipping keeps signs: a weak check of the chain,
@@ -86,7 +86,7 @@ def test_global_norm_clipping_bounds_the_first_adam_input():
 def test_ema_update_is_the_convex_combination():
   rng = np.random.default_rng()
   ema, params = rng.normal(size=5), rng.normal(size=5)
-  np.testing.assert_allclose(train_state.ema_update(ema, params, 0.9), 0.9 * ema + 0.1 * params)
+  np.testing.assert_allclose(step_lib.ema_update(ema, params, 0.9), 0.9 * ema + 0.1 * params)
 
 
 def test_train_step_reports_finite_metrics_and_moves_params():
@@ -104,11 +104,11 @@ def test_train_step_reports_finite_metrics_and_moves_params():
   assert metrics["gamma_0"] < metrics["gamma_1"]
   np.testing.assert_allclose(metrics["learning_rate"], 0.0)  # warm-up starts at 0
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
-                                                       jax.tree.leaves(state.params))]
+                                                       jax.tree.leaves(state.params), strict=True)]
   assert not any(changed)  # lr 0 at step 0: AdamW leaves params as they were
   state, _ = setup.train_step(state, setup.global_batch(batch))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
-                                                       jax.tree.leaves(state.params)))
+                                                       jax.tree.leaves(state.params), strict=True))
 
 
 def test_training_writes_checkpoints_events_samples_and_gamma_plot(trained):
@@ -142,7 +142,7 @@ def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
   step, resumed, position = _final_state(config, str(tmp_path))
   _, uninterrupted, expected_position = _final_state(config, workdir)
   assert step == 20 and position == expected_position
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert metrics == expected_metrics
 

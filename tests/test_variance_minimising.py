@@ -74,6 +74,6 @@ def test_variance_minimising_vdm_loss_matches_vdm_loss_in_value_and_network_grad
   (value_p, grads_p), (value_v, grads_v) = [jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(phi, ends)
                                            for fn in (plain, variance)]
   np.testing.assert_allclose(value_v, value_p, rtol=1e-6)
-  for g_v, g_p in zip(grads_v, grads_p):  # float32: 1e-5 relative, or 1e-6 of the largest entry
+  for g_v, g_p in zip(grads_v, grads_p, strict=True):  # float32: 1e-5 relative, or 1e-6 of the largest entry
     scale = float(np.max(np.abs(np.asarray(g_p))))
     np.testing.assert_allclose(g_v, g_p, rtol=1e-5, atol=1e-6 * scale)

@@ -65,7 +65,7 @@ def assert_params_match(actual, expected, *, learning_rates, rtol=1e-5, max_nois
   """
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   noise_bound = 2.0 * adam_displacement_bound(learning_rates)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True):
     name = jax.tree_util.keystr(path)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert a.shape == b.shape, (name, a.shape, b.shape)

@@ -13,10 +13,12 @@ TensorFlow input pipeline), user `.npz` arrays and a folder of PNG/JPEG files.
 import dataclasses
 import os
 import pathlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from absl import logging
 import numpy as np
+
+from vdm_jax.train.errors import ConfigError
 
 # name -> (tfds name, train split, test split)
 TFDS_DATASETS = {
@@ -80,7 +82,7 @@ def load_digits(split):
 def _held_out(images, labels, split, *, test_fraction, split_seed):
   """Fixed train/test split of in-memory arrays by a seeded permutation."""
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+    raise ConfigError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
   order = np.random.default_rng(split_seed).permutation(len(images))
   num_test = max(1, int(round(test_fraction * len(images))))
   idx = order[num_test:] if split == "train" else order[:num_test]
@@ -94,20 +96,20 @@ def load_npz(path, split, *, test_fraction=0.1, split_seed=0):
   split; otherwise a fixed `test_fraction` of "image" is held out.
   """
   if not os.path.isfile(path):
-    raise ValueError(f"data.path must name an .npz file, got {path!r} (not a file)")
+    raise ConfigError(f"data.path must name an .npz file, got {path!r} (not a file)")
   try:
     with np.load(path) as arrays:
       arrays = dict(arrays)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"data.path {path!r} is not a readable .npz file "
+    raise ConfigError(f"data.path {path!r} is not a readable .npz file "
                      f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
   if not isinstance(arrays, dict):
-    raise ValueError(f"data.path {path!r} is a single array, not an .npz archive of arrays")
+    raise ConfigError(f"data.path {path!r} is a single array, not an .npz archive of arrays")
   if "image" not in arrays:
-    raise ValueError(f"{path} must contain an 'image' array [N,H,W,C], found keys {sorted(arrays)}")
+    raise ConfigError(f"{path} must contain an 'image' array [N,H,W,C], found keys {sorted(arrays)}")
   for key in ("image", "test_image"):
     if key in arrays and (arrays[key].ndim != 4 or not np.issubdtype(arrays[key].dtype, np.integer)):
-      raise ValueError(f"{path}:{key} must be an integer [N,H,W,C] array, "
+      raise ConfigError(f"{path}:{key} must be an integer [N,H,W,C] array, "
                        f"got {arrays[key].dtype} {arrays[key].shape}")
   labels = arrays.get("label", np.zeros(len(arrays["image"]), np.int32))
   if "test_image" in arrays:
@@ -140,13 +142,13 @@ def load_image_folder(path, split, *, image_shape, test_fraction=0.1, split_seed
   """
   root = pathlib.Path(path)
   if not root.is_dir():
-    raise ValueError(f"data.path must name a folder of images, got {path!r} (not a folder)")
+    raise ConfigError(f"data.path must name a folder of images, got {path!r} (not a folder)")
   files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
   if len(files) < 2:
-    raise ValueError(f"data.path {path!r} holds {len(files)} PNG/JPEG files; need at least 2")
+    raise ConfigError(f"data.path {path!r} holds {len(files)} PNG/JPEG files; need at least 2")
   height, width, channels = image_shape
   if channels not in (1, 3):
-    raise ValueError(f"image_folder needs model.image_shape C in (1, 3), got {channels}")
+    raise ConfigError(f"image_folder needs model.image_shape C in (1, 3), got {channels}")
   folders = sorted({p.parent for p in files})
   labels = np.asarray([folders.index(p.parent) for p in files], np.int32)
   images = np.stack([_load_image(p, height, width, channels) for p in files])
@@ -166,7 +168,7 @@ def load_tfds(name, split, *, data_dir=None):
                               data_dir=data_dir or None, download=False)
   except Exception as e:  # pylint: disable=broad-except
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    raise ValueError(
+    raise ConfigError(
         f"dataset {tfds_name!r} is not prepared as array_record in data_dir {where} "
         f"({type(e).__name__}); prepare it with: tfds build {tfds_name} "
         f"--data_dir={where} --file_format=array_record") from None
@@ -177,7 +179,7 @@ def load_source(dataset, split, *, data_dir="", path="", image_shape=(32, 32, 3)
                 test_fraction=0.1, split_seed=0):
   """Returns the random-access source of `dataset`'s "train" or "test" split."""
   if split not in ("train", "test"):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
   if dataset == "digits":
     return load_digits(split)
   if dataset == "npz":
@@ -187,7 +189,7 @@ def load_source(dataset, split, *, data_dir="", path="", image_shape=(32, 32, 3)
                              test_fraction=test_fraction, split_seed=split_seed)
   if dataset in TFDS_DATASETS:
     return load_tfds(dataset, split, data_dir=data_dir)
-  raise ValueError(f"unknown data.dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+  raise ConfigError(f"unknown data.dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
 
 
 def check_source(source, *, split, image_shape, vocab_size, num_classes=0):
@@ -204,18 +206,18 @@ def check_source(source, *, split, image_shape, vocab_size, num_classes=0):
   images, labels = np.asarray(images), np.asarray(labels)
   where = f"the {split} images"
   if len(images) == 0:
-    raise ValueError(f"{where} are empty")
+    raise ConfigError(f"{where} are empty")
   if tuple(images.shape[1:]) != tuple(image_shape):
-    raise ValueError(f"{where} have shape {tuple(images.shape[1:])} but model.image_shape is "
+    raise ConfigError(f"{where} have shape {tuple(images.shape[1:])} but model.image_shape is "
                      f"{tuple(image_shape)}")
   if not np.issubdtype(images.dtype, np.integer):
-    raise ValueError(f"{where} must be integers in [0, {vocab_size}), got dtype {images.dtype}")
+    raise ConfigError(f"{where} must be integers in [0, {vocab_size}), got dtype {images.dtype}")
   low, high = int(images.min()), int(images.max())
   if low < 0 or high >= vocab_size:
-    raise ValueError(f"{where} have values in [{low}, {high}] but model.vocab_size={vocab_size} "
+    raise ConfigError(f"{where} have values in [{low}, {high}] but model.vocab_size={vocab_size} "
                      f"needs them in [0, {vocab_size - 1}]")
   if num_classes > 0 and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"the {split} labels lie in [{labels.min()}, {labels.max()}] but "
+    raise ConfigError(f"the {split} labels lie in [{labels.min()}, {labels.max()}] but "
                      f"model.num_classes={num_classes} needs them in [0, {num_classes - 1}]")
 
 
@@ -234,10 +236,10 @@ class TrainIterator:
 
   def __init__(self, source, *, batch_size, seed, process_index=0, process_count=1):
     if batch_size <= 0 or batch_size % process_count:
-      raise ValueError(f"batch_size must be a positive multiple of the process count "
+      raise ConfigError(f"batch_size must be a positive multiple of the process count "
                        f"{process_count}, got {batch_size}")
     if len(source) < batch_size:
-      raise ValueError(f"the training split has {len(source)} examples, fewer than "
+      raise ConfigError(f"the training split has {len(source)} examples, fewer than "
                        f"training.batch_size {batch_size}")
     self._source, self._batch_size, self._seed = source, batch_size, seed
     self._slice = _host_slice(batch_size, process_index, process_count)
@@ -282,7 +284,7 @@ def eval_batches(source, *, batch_size, num_examples=0, process_index=0,
   processes a final remainder smaller than P is dropped.
   """
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"eval batch_size must be a positive multiple of the process count "
+    raise ConfigError(f"eval batch_size must be a positive multiple of the process count "
                      f"{process_count}, got {batch_size}")
   total = len(source) if num_examples <= 0 else min(num_examples, len(source))
   for start in range(0, total, batch_size):
@@ -292,6 +294,14 @@ def eval_batches(source, *, batch_size, num_examples=0, process_index=0,
                       len(indices), process_count)
       return
     yield source.get(indices[process_index::process_count])
+
+
+def categorical_baseline(sources: dict, vocab_size: int):
+  """Per-pixel categorical baseline (test bits/dim) when both splits are in memory, else None."""
+  train, test = sources["train"], sources["test"]
+  if isinstance(train, ArraySource) and isinstance(test, ArraySource):
+    return categorical_baseline_bpd(train.images, test.images, vocab_size=vocab_size)
+  return None
 
 
 def categorical_baseline_bpd(train_images, test_images, *, vocab_size, pseudocount=1.0):
@@ -312,9 +322,22 @@ def categorical_baseline_bpd(train_images, test_images, *, vocab_size, pseudocou
   train = np.asarray(train_images).reshape(len(train_images), -1)
   test = np.asarray(test_images).reshape(len(test_images), -1)
   if train.shape[1] != test.shape[1]:
-    raise ValueError(f"train and test images differ in size: {train.shape} vs {test.shape}")
+    raise ConfigError(f"train and test images differ in size: {train.shape} vs {test.shape}")
   dims = np.arange(train.shape[1])
   counts = np.zeros((train.shape[1], vocab_size))
   np.add.at(counts, (np.broadcast_to(dims, train.shape), train), 1.0)
   logp = np.log2(counts + pseudocount) - np.log2(len(train) + pseudocount * vocab_size)
   return float(-logp[dims[None, :], test].mean())
+
+
+def load_sources(config, splits=("train", "test")) -> dict:
+  """{split: random-access source} for config.data, each checked against config.model."""
+  d, m = config.data, config.model
+  sources = {split: load_source(d.dataset, split, data_dir=d.data_dir, path=d.path,
+                                image_shape=tuple(m.image_shape), test_fraction=d.test_fraction,
+                                split_seed=d.split_seed)
+             for split in splits}
+  for split, source in sources.items():
+    check_source(source, split=split, image_shape=tuple(m.image_shape),
+                 vocab_size=m.vocab_size, num_classes=m.num_classes)
+  return sources

@@ -1,0 +1,175 @@
+"""The trainer's configuration: the base ConfigDict, its validation, and what it builds.
+
+`default_config()` is the base every experiment in configs/ starts from; its model
+section is derived from vdm_jax.model.ModelConfig's defaults (one home). Everything
+is validated here, once, before anything compiles: a bad value raises ConfigError
+with one line naming the field, the value and the fix.
+"""
+import dataclasses
+import os
+import tempfile
+
+import jax
+import ml_collections
+import optax
+
+from vdm_jax import _numerics
+from vdm_jax import model as model_lib
+from vdm_jax.train import data
+from vdm_jax.train import step
+from vdm_jax.train.errors import ConfigError
+
+SAMPLERS = ("ancestral", "ddim", "ode")
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """ModelConfig's fields with their defaults, as a ConfigDict (tuples stay tuples)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(model_lib.ModelConfig()))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The base config (CIFAR-10 shapes); configs/*.py override it for each experiment."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = ml_collections.ConfigDict(dict(
+      dataset="cifar10",   # digits | mnist | fashion_mnist | cifar10 | imagenet32 | imagenet64 | npz | image_folder
+      data_dir="",         # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
+      path="",             # .npz file or image folder (npz / image_folder only)
+      test_fraction=0.1,   # npz / image_folder: held-out fraction
+      split_seed=0,        # npz / image_folder: seed of the fixed train/test split
+  ))
+  config.model = model_config()
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-4,
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      weight_decay=0.01,
+      warmup_steps=100,
+      decay="constant",        # constant | cosine (to 0 at training.num_steps)
+      grad_clip_norm=1.0,      # global-norm clipping; 0 disables it
+      accumulation_steps=1,    # >1: optax.MultiSteps over that many batches
+      ema_decay=0.9999,
+  ))
+  config.training = ml_collections.ConfigDict(dict(
+      batch_size=128,          # global batch over all devices and hosts
+      num_steps=10_000_000,    # train steps (mini-batches); not model.num_steps (T)
+      log_every=100,
+      eval_every=10_000,
+      checkpoint_every=10_000,
+      keep_checkpoints=3,
+      max_nonfinite_steps=10,  # stop after this many non-finite steps in a row (each is skipped)
+  ))
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=128,
+      num_examples=0,          # 0 = the whole test split
+      num_time_samples=1,      # K antithetic time samples per example (more: lower variance)
+      checkpoint_step=-1,      # --mode=eval: -1 = newest checkpoint
+  ))
+  config.sample = ml_collections.ConfigDict(dict(
+      sampler="ancestral",     # ancestral | ddim | ode
+      num_steps=1000,          # sampler steps; not model.num_steps (T)
+      num_images=64,
+      guidance_weight=0.0,     # class-conditional models only
+      label=-1,                # class of the samples; -1 cycles over classes
+      gif=False,               # --mode=sample also writes the reverse process as a GIF
+      gif_frames=20,
+      checkpoint_step=-1,      # --mode=sample: -1 = newest checkpoint
+      seed=1,
+  ))
+  return config
+
+
+def _require(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def _is_number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_training(config):
+  t, e, s = config.training, config.eval, config.sample
+  for name, value in (("training.num_steps", t.num_steps), ("training.batch_size", t.batch_size),
+                      ("training.log_every", t.log_every),
+                      ("training.checkpoint_every", t.checkpoint_every),
+                      ("training.keep_checkpoints", t.keep_checkpoints),
+                      ("training.max_nonfinite_steps", t.max_nonfinite_steps),
+                      ("eval.batch_size", e.batch_size),
+                      ("eval.num_time_samples", e.num_time_samples),
+                      ("sample.num_steps", s.num_steps),
+                      ("sample.num_images", s.num_images)):
+    _require(_numerics.is_int(value) and value > 0,
+             f"{name} must be a positive integer, got {value!r}")
+  _require(_numerics.is_int(t.eval_every) and t.eval_every >= 0, f"training.eval_every must be "
+           f"an integer >= 0 (0: only at the end), got {t.eval_every!r}")
+  _require(_numerics.is_int(e.num_examples) and e.num_examples >= 0,
+           f"eval.num_examples must be an integer >= 0 (0: all), got {e.num_examples!r}")
+  _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+
+
+def _validate_optimizer(config):
+  o = config.optimizer
+  for name in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm",
+               "ema_decay"):
+    _require(_is_number(o[name]), f"optimizer.{name} must be a number, got {o[name]!r}")
+  _require(o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
+  for name in ("b1", "b2", "ema_decay"):
+    _require(0.0 <= o[name] < 1.0, f"optimizer.{name} must be in [0, 1), got {o[name]}")
+  for name in ("eps", "weight_decay", "grad_clip_norm"):
+    _require(o[name] >= 0, f"optimizer.{name} must be >= 0, got {o[name]}")
+  _require(_numerics.is_int(o.warmup_steps) and o.warmup_steps >= 0,
+           f"optimizer.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
+  _require(_numerics.is_int(o.accumulation_steps) and o.accumulation_steps >= 1,
+           f"optimizer.accumulation_steps must be an integer >= 1, got {o.accumulation_steps!r}")
+  _require(o.decay in ("constant", "cosine"),
+           f"optimizer.decay must be 'constant' or 'cosine', got {o.decay!r}")
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Fails fast (before any compile) with a one-line ConfigError naming the fix."""
+  num_devices, num_hosts = jax.device_count(), jax.process_count()
+  _require(config.data.dataset in data.DATASETS,
+           f"unknown data.dataset {config.data.dataset!r}; expected one of "
+           f"{', '.join(data.DATASETS)}")
+  _validate_training(config)
+  _validate_optimizer(config)
+  create_model(config)  # ModelConfig checks its own fields
+  for name in ("training.batch_size", "eval.batch_size"):
+    value = config[name.split(".")[0]].batch_size
+    _require(value % num_devices == 0 and value % num_hosts == 0,
+             f"{name}={value} is not divisible by the {num_devices} devices "
+             f"({num_hosts} processes); set --config.{name} to a multiple of {num_devices}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as err:
+    raise ConfigError(f"workdir {workdir} is not writable ({err.strerror}); pass a writable "
+                      f"--workdir") from None
+
+
+def create_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
+  """VDM(ModelConfig(**config.model)); ConfigDict lists become tuples."""
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+  try:
+    return model_lib.VDM(model_lib.ModelConfig(**fields))
+  except TypeError as err:
+    raise ConfigError(f"config.model must hold exactly ModelConfig's fields: {err}") from None
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+
+
+def optimizer_from_config(config: ml_collections.ConfigDict
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optax transformation, lr schedule over optimizer updates) from config.optimizer."""
+  o = config.optimizer
+  updates = max(1, config.training.num_steps // o.accumulation_steps)
+  schedule = step.learning_rate_schedule(
+      learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, decay=o.decay,
+      decay_steps=updates)
+  tx = step.make_optimizer(
+      schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+      grad_clip_norm=o.grad_clip_norm, accumulation_steps=o.accumulation_steps)
+  return tx, schedule

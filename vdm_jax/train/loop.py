@@ -1,0 +1,225 @@
+"""The training loop: train_and_evaluate(config, workdir).
+
+The loop never waits for the device between steps: the next batches are placed on
+the devices while the current step runs (a small prefetch queue), and metrics,
+including the non-finite flags, are read back only at log, evaluation and
+checkpoint boundaries. Only process 0 writes metrics, images and plots; every
+process takes part in the computation and in checkpointing.
+"""
+import collections
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vdm_jax.train import checkpoints
+from vdm_jax.train import config as config_lib
+from vdm_jax.train import data
+from vdm_jax.train import inference
+from vdm_jax.train import lock
+from vdm_jax.train import performance
+from vdm_jax.train import setup as setup_lib
+from vdm_jax.train.errors import TrainingError
+
+PREFETCH_DEPTH = 2
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from workdir/checkpoints if any), evaluates, samples.
+
+  Process 0 holds workdir/LOCK meanwhile: a second trainer on the same workdir
+  fails with a ConfigError instead of interleaving checkpoints.
+
+  Returns:
+    dict of the last evaluation's metrics (test bits/dim, EMA params).
+  """
+  config_lib.validate_config(config, workdir)
+  sources = data.load_sources(config)
+  setup = setup_lib.get_setup(config)
+  if jax.process_index() != 0:  # the processes of one run share the workdir
+    return run(setup, sources, workdir)
+  with lock.WorkdirLock(workdir):
+    return run(setup, sources, workdir)
+
+
+class _NonfiniteCounter:
+  """Counts consecutive skipped (NaN/Inf) steps from their flags, read back in order."""
+
+  def __init__(self, limit):
+    self.limit, self.consecutive, self.total = limit, 0, 0
+
+  def observe(self, step, flag):
+    """Takes step `step`'s flag (1.0: skipped); raises TrainingError at `limit` in a row."""
+    if flag == 0.0:
+      self.consecutive = 0
+      return
+    self.consecutive += 1
+    self.total += 1
+    logging.warning("step %d: non-finite loss or gradient; step skipped (params unchanged), "
+                    "%d in a row, %d in all", step, self.consecutive, self.total)
+    if self.consecutive >= self.limit:
+      raise TrainingError(
+          f"training diverged: {self.consecutive} consecutive steps up to step {step} had a "
+          f"non-finite loss or gradient (training.max_nonfinite_steps={self.limit}); lower "
+          f"optimizer.learning_rate or check the data, then resume from the last checkpoint")
+
+
+def _prefetch_to_device(setup, iterator, depth):
+  """Yields (global device batch, iterator state after it), `depth` batches ahead.
+
+  Placing batch i + depth on the devices is asynchronous, so it overlaps step i.
+  """
+  queue = collections.deque()
+  while True:
+    while len(queue) < depth:
+      batch = setup.global_batch(next(iterator))
+      queue.append((batch, iterator.get_state()))
+    yield queue.popleft()
+
+
+def _save(manager, step, state, data_state):
+  """checkpoints.save, with a full disk turned into a TrainingError."""
+  logging.info("saving checkpoint %d", step)
+  try:
+    checkpoints.save(manager, step, state, data_state)
+  except Exception as err:  # pylint: disable=broad-except
+    _raise_if_disk_full(err, manager)
+    raise
+
+
+def _raise_if_disk_full(err, manager):
+  if checkpoints.is_disk_full(err):
+    raise TrainingError(f"no disk space left to write a checkpoint in {manager.directory} "
+                        f"({err}); free disk space and resume: the previous checkpoints "
+                        f"{sorted(manager.all_steps())} are kept") from None
+
+
+def _restore_or_init(setup, manager, iterator):
+  """(first step, state): from the newest loadable checkpoint, else a fresh state."""
+  try:
+    restored = checkpoints.restore(manager, setup.abstract_state())
+  except BaseException:
+    manager.close()
+    raise
+  if restored is None:
+    return 0, setup.init_state()
+  start, state, data_state = restored
+  iterator.set_state(data_state)
+  logging.info("resumed from checkpoint %d (data position %s)", start, data_state)
+  return start, state
+
+
+class _Metrics:
+  """Per-step metrics kept on device until a boundary reads them all back at once."""
+
+  def __init__(self, writer, nonfinite, flops_per_step):
+    self.writer, self.nonfinite, self.flops_per_step = writer, nonfinite, flops_per_step
+    self.pending, self.checked, self.clock = [], 0, None
+
+  def add(self, step, metrics):
+    self.pending.append((step, metrics))
+
+  def check_nonfinite(self):
+    """Reads the not yet checked flags (one transfer) and counts them in step order."""
+    unchecked = self.pending[self.checked:]
+    flags = jax.device_get([m["nonfinite"] for _, m in unchecked])
+    for (step, _), flag in zip(unchecked, flags, strict=True):
+      self.nonfinite.observe(step, float(flag))
+    self.checked = len(self.pending)
+
+  def write(self, step):
+    """Writes the means since the last write, with steps/s, TFLOP/s per device and MFU."""
+    self.check_nonfinite()
+    values = jax.device_get([m for _, m in self.pending])
+    means = jax.tree.map(lambda *xs: float(jnp.mean(jnp.asarray(xs))), *values)
+    scalars = {f"train/{k}": v for k, v in means.items()}
+    now = time.perf_counter()
+    if self.clock is not None:
+      rate = (step - self.clock[0]) / (now - self.clock[1])
+      scalars.update(performance.utilisation(rate, self.flops_per_step))
+    self.writer.write_scalars(step, scalars)
+    self.pending, self.checked = [], 0
+    self.restart_clock(step)
+
+  def restart_clock(self, step):
+    """Time from here (after evaluation or checkpointing, which are not training)."""
+    self.clock = (step, time.perf_counter())
+
+
+def run(setup: setup_lib.Setup, sources: dict, workdir: str) -> dict:
+  """Trains to config.training.num_steps, resuming from the newest loadable checkpoint.
+
+  A step with a non-finite loss or gradient is skipped (see step.make_train_step);
+  when training.max_nonfinite_steps of them in a row are read back (at the next
+  log, evaluation or checkpoint boundary), a TrainingError stops the run without
+  saving.
+
+  Returns:
+    dict: the last evaluation's test metrics (bits/dim of the EMA params).
+  """
+  # clu's TensorBoard writer imports TensorFlow: only training pays for it.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  config, t = setup.config, setup.config.training
+  manager = checkpoints.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                     max_to_keep=t.keep_checkpoints)
+  iterator = data.TrainIterator(sources["train"], batch_size=t.batch_size, seed=config.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  start, state = _restore_or_init(setup, manager, iterator)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  try:
+    if start < t.num_steps:
+      eval_metrics = _train(setup, sources, workdir, (start, state), iterator, manager, writer)
+    else:
+      eval_metrics = setup.evaluate_params(state.ema_params, sources["test"])
+    try:
+      manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      _raise_if_disk_full(err, manager)
+      raise
+  finally:
+    manager.close()
+    writer.flush()
+  return eval_metrics
+
+
+def _train(setup, sources, workdir, start_state, iterator, manager, writer):
+  """The steps from start to training.num_steps, with their logs, evaluations and saves."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  t = setup.config.training
+  start, state = start_state
+  baseline = data.categorical_baseline(sources, setup.config.model.vocab_size)
+  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
+                                           every_steps=t.log_every)
+  train_step, flops = setup.compiled_train_step()
+  metrics = _Metrics(writer, _NonfiniteCounter(t.max_nonfinite_steps), flops)
+  batches = _prefetch_to_device(setup, iterator, PREFETCH_DEPTH)
+  metrics.restart_clock(start)
+  eval_metrics = {}
+  for step in range(start, t.num_steps):
+    batch, data_state = next(batches)
+    state, step_metrics = train_step(state, batch)
+    done = step + 1
+    metrics.add(done, step_metrics)
+    report(done)
+    last = done == t.num_steps
+    evaluate = (t.eval_every and done % t.eval_every == 0) or last
+    save = done % t.checkpoint_every == 0 or last
+    if done % t.log_every == 0 or last:
+      metrics.write(done)
+    if evaluate or save:
+      metrics.check_nonfinite()
+    if evaluate:
+      with report.timed("eval"):
+        eval_metrics = inference.evaluate_and_draw(setup, state, sources["test"], done,
+                                                   workdir, writer, baseline)
+    if save:
+      _save(manager, done, state, data_state)
+    if evaluate or save:
+      metrics.restart_clock(done)
+  return eval_metrics

@@ -1,0 +1,138 @@
+"""What one run needs, built once: the model, the mesh, the shardings, the compiled steps.
+
+One jitted train step (vdm_jax.train.step) over a jax.sharding.Mesh of every device
+of every host (axis "data"): the global batch is sharded over "data", the
+TrainState is replicated and donated, and step i draws its randomness from
+fold_in(state.rng, i), so a run's numbers do not depend on the device count and a
+resumed run repeats an uninterrupted one exactly.
+"""
+import collections
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vdm_jax import likelihood
+from vdm_jax.train import config as config_lib
+from vdm_jax.train import data
+from vdm_jax.train import performance
+from vdm_jax.train import step as step_lib
+
+
+class Setup:
+  """Model, mesh, shardings and the jitted train step of one config (build with get_setup)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model = config_lib.create_model(config)
+    self.conditional = config.model.num_classes > 0
+    self.image_shape = tuple(config.model.image_shape)
+    self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.tx, self.schedule = config_lib.optimizer_from_config(config)
+    self._train_step = None
+    self._compiled_train_step = None
+
+  def global_batch(self, batch: dict) -> dict:
+    """Host-local numpy batch -> global jax arrays sharded over "data"."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def init_state(self) -> step_lib.TrainState:
+    """Fresh replicated TrainState from config.seed."""
+    def init(key):
+      x = jnp.zeros((1, *self.image_shape), jnp.int32)
+      labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+      params = self.model.init(key, x, labels)
+      return step_lib.create(params, self.tx, self.config.seed)
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
+    return jax.jit(init, out_shardings=self.replicated)(key)
+
+  def abstract_state(self) -> step_lib.TrainState:
+    """ShapeDtypeStructs (replicated) of the TrainState, for restoring."""
+    shapes = jax.eval_shape(self.init_state)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  @property
+  def train_step(self):
+    """The jitted step_lib.make_train_step: (state, global batch) -> (state, metrics); the
+    state is donated."""
+    if self._train_step is None:
+      o = self.config.optimizer
+      step_fn = step_lib.make_train_step(self.model, self.tx, self.schedule,
+                                         ema_decay=o.ema_decay,
+                                         accumulation_steps=o.accumulation_steps)
+      self._train_step = jax.jit(step_fn, donate_argnums=0,
+                                 in_shardings=(self.replicated, self.batch_sharding),
+                                 out_shardings=(self.replicated, self.replicated))
+    return self._train_step
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of a global training batch, sharded over "data"."""
+    size = self.config.training.batch_size
+    return {"image": jax.ShapeDtypeStruct((size, *self.image_shape), jnp.int32,
+                                          sharding=self.batch_sharding),
+            "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=self.batch_sharding)}
+
+  def compiled_train_step(self):
+    """(the train step compiled ahead of time, its FLOPs per step per device or None).
+
+    Compiled once per Setup; the training loop calls it directly.
+    """
+    if self._compiled_train_step is None:
+      compiled = self.train_step.lower(self.abstract_state(), self.abstract_batch()).compile()
+      self._compiled_train_step = compiled, performance.flops_of(compiled)
+    return self._compiled_train_step
+
+  def _eval_loss(self, params, batch, key):
+    labels = batch["label"] if self.conditional else None
+    loss, terms = self.model.loss(params, batch["image"], key, labels=labels, train=False)
+    return loss, {name: terms[name] for name in ("prior", "reconstruction", "diffusion")}
+
+  def evaluate_params(self, params, source) -> dict:
+    """Test bits/dim of `params`: one deterministic pass over `source` (vdm_jax.likelihood).
+
+    Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so the number is
+    reproducible from the same params, data and config.
+
+    Returns:
+      dict of floats: "bpd", its "bpd_stderr", "bpd_<term>" for prior,
+      reconstruction and diffusion, and "num_examples".
+    """
+    e = self.config.eval
+    batches = data.eval_batches(source, batch_size=e.batch_size, num_examples=e.num_examples,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    result = likelihood.evaluate_bpd(self._eval_loss, batches,
+                                     jax.random.PRNGKey(self.config.seed + 1), params=params,
+                                     num_time_samples=e.num_time_samples, mesh=self.mesh)
+    metrics = {"bpd": result["bpd"], "bpd_stderr": result["bpd_stderr"],
+               "num_examples": result["num_examples"]}
+    metrics.update({f"bpd_{name}": result[name] for name in ("prior", "reconstruction",
+                                                              "diffusion")})
+    return metrics
+
+
+_SETUPS: "collections.OrderedDict[tuple, Setup]" = collections.OrderedDict()
+_MAX_SETUPS = 4
+
+
+def get_setup(config: ml_collections.ConfigDict) -> Setup:
+  """The Setup of `config`, reused (with its compiled steps) when all but config.data agree.
+
+  A bounded cache of the most recent configs of this process (and their devices).
+  """
+  fields = {k: v for k, v in config.to_dict().items() if k != "data"}
+  key = (json.dumps(fields, sort_keys=True, default=repr), tuple(jax.devices()))
+  if key in _SETUPS:
+    _SETUPS.move_to_end(key)
+    return _SETUPS[key]
+  setup = _SETUPS[key] = Setup(config)
+  while len(_SETUPS) > _MAX_SETUPS:
+    _SETUPS.popitem(last=False)
+  return setup

@@ -1,0 +1,182 @@
+"""The train step as a pure function, with its state pytree, optimizer and EMA.
+
+  state, metrics = train_step(state, batch)
+
+The loss is the batch mean of the VDM bound in bits/dim; step i draws its
+randomness from fold_in(state.rng, i). The optimizer is AdamW (Loshchilov &
+Hutter 2019) after global-norm clipping, with linear warm-up and an optional
+cosine decay, and optional gradient accumulation through optax.MultiSteps.
+Weight decay skips biases, norm scales (every leaf with ndim <= 1) and the
+noise-schedule ("gamma") parameters. Values are checked once, by
+vdm_jax.train.config, before anything here runs.
+"""
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vdm_jax import losses
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs, as one pytree.
+
+  step: int32 scalar, number of train steps (mini-batches) taken.
+  params, ema_params: model parameters and their exponential moving average.
+  opt_state: optax state.
+  rng: uint32 [2] base key; step i uses fold_in(rng, i).
+  """
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def learning_rate_schedule(*, learning_rate, warmup_steps, decay="constant", decay_steps=0):
+  """lr(n) = learning_rate * min(1, n / warmup_steps) [* cosine decay to 0 over decay_steps].
+
+  Args:
+    learning_rate: peak learning rate (> 0).
+    warmup_steps: linear warm-up length in optimizer updates (>= 0).
+    decay: "constant" or "cosine".
+    decay_steps: total optimizer updates; the cosine reaches 0 there.
+
+  Returns:
+    optax schedule: update count -> learning rate.
+  """
+  if decay == "constant":
+    if warmup_steps == 0:
+      return optax.constant_schedule(learning_rate)
+    return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1))
+  raise ValueError(f"optimizer.decay must be 'constant' or 'cosine', got {decay!r}")
+
+
+def weight_decay_mask(params):
+  """True for leaves that get weight decay: ndim > 1 and not under a "gamma" key."""
+  def decays(path, leaf):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return leaf.ndim > 1 and "gamma" not in names
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(*, schedule, b1, b2, eps, weight_decay, grad_clip_norm=0.0,
+                   accumulation_steps=1):
+  """Clipping + AdamW (+ MultiSteps when accumulation_steps > 1).
+
+  Args:
+    schedule: learning-rate schedule over optimizer updates.
+    b1, b2, eps: Adam moments' decay rates and epsilon.
+    weight_decay: decoupled weight decay, masked by weight_decay_mask.
+    grad_clip_norm: global-norm clip; 0 disables it.
+    accumulation_steps: mini-batches averaged per optimizer update (>= 1).
+
+  Returns:
+    optax.GradientTransformation.
+  """
+  parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=weight_decay_mask))
+  tx = optax.chain(*parts)
+  if accumulation_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps).gradient_transformation()
+  return tx
+
+
+def update_count(opt_state):
+  """Optimizer updates applied so far (int32 scalar): the count of optax.scale_by_schedule.
+
+  With optax.MultiSteps it advances once per accumulated update, and never on a
+  step that did not reach the optimizer.
+  """
+  return optax.tree.get(opt_state, "count",
+                        filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
+
+
+def ema_update(ema_params, params, decay):
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def create(params, tx, seed):
+  """A fresh TrainState at step 0 (EMA starts at the initial params)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, *,
+                    ema_decay: float, accumulation_steps: int = 1) -> Callable:
+  """train_step(state, batch) -> (new state, metrics of scalars), pure (jit it).
+
+  batch: {"image": int [B, H, W, C], optionally "label": int [B] when the model is
+  class-conditional}. A step whose loss or gradient has a NaN/Inf returns params,
+  EMA params and optimizer state unchanged (bitwise) and metrics["nonfinite"] = 1
+  (else 0); state.step still advances, so the batch is consumed and the step
+  numbering and data position stay those of an uninterrupted run.
+
+  Args:
+    model: a vdm_jax.model.VDM.
+    tx: the optimizer (make_optimizer).
+    schedule: its learning-rate schedule over optimizer updates (for the metrics).
+    ema_decay: in [0, 1); 0 makes the EMA the params themselves.
+    accumulation_steps: micro-batches per optimizer update (tx wraps optax.MultiSteps).
+  """
+  apply_update = functools.partial(_apply_update, tx, ema_decay, accumulation_steps)
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      labels = batch["label"] if model.config.num_classes > 0 else None
+      loss, terms = model.loss(params, batch["image"], key, labels=labels, train=True)
+      return jnp.mean(losses.bits_per_dim(loss, model.num_dims)), terms
+
+    (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # One scalar decides the step: the global gradient norm is NaN/Inf exactly when a
+    # gradient element is (or their squares overflow float32). A skipped step keeps params,
+    # EMA and optimizer state bitwise (one lax.cond around the whole update; a jnp.where per
+    # leaf made XLA copy the reduction into every leaf's fusion: minutes of compile time).
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(bpd) & jnp.isfinite(grad_norm)
+    params, ema, opt_state = jax.lax.cond(
+        finite, functools.partial(apply_update, grads), lambda *unchanged: unchanged,
+        state.params, state.ema_params, state.opt_state)
+    gamma_fn = model.gamma_fn(params)
+    metrics = {"bpd": bpd, "grad_norm": jnp.where(finite, grad_norm, 0.0),
+               "learning_rate": schedule(update_count(state.opt_state)),
+               "gamma_0": jnp.squeeze(gamma_fn(jnp.zeros(()))),
+               "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(()))),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    for name in ("prior", "reconstruction", "diffusion"):
+      metrics[f"bpd_{name}"] = jnp.mean(losses.bits_per_dim(terms[name], model.num_dims))
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _apply_update(tx, ema_decay, accumulation_steps, grads, params, ema, opt_state):
+  """One optimizer update (a micro-batch with accumulation) and the EMA after it.
+
+  With accumulation the parameters move, and the EMA follows, only when optax.MultiSteps
+  applies its averaged update; a skipped (non-finite) micro-batch never reaches
+  MultiSteps, so it does not shift the accumulation window.
+  """
+  updates_before = update_count(opt_state)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if ema_decay == 0.0:  # no averaging: the EMA is the params themselves
+    return params, params, opt_state
+  if accumulation_steps == 1:
+    return params, ema_update(ema, params, ema_decay), opt_state
+  applied = update_count(opt_state) > updates_before
+  ema = jax.lax.cond(applied, lambda e: ema_update(e, params, ema_decay), lambda e: e, ema)
+  return params, ema, opt_state
