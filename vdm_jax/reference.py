@@ -9,12 +9,17 @@ expects (names and shapes, computed with jax.eval_shape, no compilation).
   cfg = reference.model_config({"sm_n_embd": 128, "sm_n_layer": 32, ...}, image_shape=(32, 32, 3))
   model = VDM(cfg)
   params = reference.load_params("params.msgpack", model)           # or a train-state msgpack
+  params = reference.load_clu_checkpoint("gs://.../checkpoints-0", model)  # a clu checkpoint
 """
+import os
+import re
+
 import flax.serialization
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vdm_jax import model as model_lib
 
@@ -25,6 +30,7 @@ _FIELDS = {"vocab_size": "vocab_size", "sm_n_embd": "n_embd", "sm_n_layer": "n_l
            "with_fourier_features": "with_fourier_features", "gamma_min": "gamma_min",
            "gamma_max": "gamma_max", "sm_n_timesteps": "num_steps",
            "antithetic_time_sampling": "antithetic"}
+_CLU_FILE = re.compile(r"^ckpt-(\d+)\.flax$")
 
 
 def model_config(vdm_config, *, image_shape=(32, 32, 3), **overrides):
@@ -88,6 +94,19 @@ def convert_params(tree, model):
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def _params_from_state(state, model, which, source):
+  """Picks `which` from a restored train state (or takes a params tree) and validates it."""
+  if which not in ("params", "ema_params"):
+    raise ValueError(f"which must be 'params' or 'ema_params', given {which!r}")
+  if not isinstance(state, dict):
+    raise ValueError(f"{source}: expected a msgpack dict, found {type(state).__name__}")
+  if "ema_params" in state or "opt_state" in state:
+    if which not in state:
+      raise ValueError(f"{source}: train state has no {which!r} (keys: {sorted(state)})")
+    state = state[which]
+  return convert_params(state, model)
+
+
 def load_params(path, model, *, which="ema_params"):
   """Loads reference parameters from a msgpack file and validates them against `model`.
 
@@ -97,21 +116,58 @@ def load_params(path, model, *, which="ema_params"):
   "params") is taken.
 
   Args:
-    path: file path.
+    path: file path (local, or gs:// etc. through etils.epath).
     model: a vdm_jax.model.VDM (its config must describe the reference model).
     which: "ema_params" or "params", for train-state files.
 
   Returns:
     the parameter dict for `model`.
   """
-  if which not in ("params", "ema_params"):
-    raise ValueError(f"which must be 'params' or 'ema_params', given {which!r}")
-  with open(path, "rb") as f:
-    state = flax.serialization.msgpack_restore(f.read())
-  if not isinstance(state, dict):
-    raise ValueError(f"{path}: expected a msgpack dict, found {type(state).__name__}")
-  if "ema_params" in state or "opt_state" in state:
-    if which not in state:
-      raise ValueError(f"{path}: train state has no {which!r} (keys: {sorted(state)})")
-    state = state[which]
-  return convert_params(state, model)
+  state = flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+  return _params_from_state(state, model, which, path)
+
+
+def _clu_checkpoint_files(directory: str | os.PathLike) -> dict[int, epath.Path]:
+  """{N: path} of the `ckpt-N.flax` files in a clu checkpoint directory (local or gs://)."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    raise ValueError(f"{directory} is not a directory; pass the clu checkpoint directory that "
+                     "holds ckpt-N.flax files (for google-research/vdm: <workdir>/checkpoints-0)")
+  matches = ((_CLU_FILE.match(path.name), path) for path in directory.iterdir())
+  return {int(match.group(1)): path for match, path in matches if match}
+
+
+def load_clu_checkpoint(directory: str | os.PathLike, model: model_lib.VDM, *,
+                        which: str = "ema_params", number: int | None = None) -> dict:
+  """Parameters from a clu checkpoint directory of the original google-research/vdm trainer.
+
+  clu.checkpoint (Multihost)Checkpoint writes, per save, `ckpt-N.flax` (N = 1, 2, ... counts
+  saves, it is not the training step) holding flax.serialization.to_bytes of the reference
+  TrainState {'step', 'params', 'ema_params', 'opt_state'} next to TensorFlow files that
+  hold no parameters. The released checkpoints are such directories, e.g.
+  gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0. Bytes are read through
+  etils.epath (local paths, and gs:// where credentials exist); only the .flax file is read.
+  Every leaf is validated as by `load_params` / `convert_params`.
+
+  Args:
+    directory: the checkpoint directory (holding ckpt-N.flax), local or gs://.
+    model: a vdm_jax.model.VDM whose config describes the reference model (`model_config`).
+    which: "ema_params" (what the reference evaluates) or "params".
+    number: N of the ckpt-N.flax to read; None reads the newest (largest N).
+
+  Returns:
+    the parameter dict for `model` (nested dict of float32 arrays).
+
+  Raises:
+    ValueError when the directory holds no ckpt-N.flax, N is absent, or a leaf is missing,
+    extra or mis-shaped (named, expected vs given shape).
+  """
+  files = _clu_checkpoint_files(directory)
+  if not files:
+    raise ValueError(f"{directory} holds no ckpt-N.flax file; pass the directory clu wrote "
+                     "them to (for google-research/vdm: <workdir>/checkpoints-0)")
+  number = max(files) if number is None else number
+  if number not in files:
+    raise ValueError(f"{directory} has no ckpt-{number}.flax; available N: {sorted(files)}")
+  state = flax.serialization.msgpack_restore(files[number].read_bytes())
+  return _params_from_state(state, model, which, files[number])
