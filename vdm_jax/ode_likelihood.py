@@ -88,6 +88,28 @@ def _eps_and_trace(eps_fn, z, gamma, sigma, probes):
   return eps_hat, jnp.mean(jnp.sum(products.reshape(probes.shape[:2] + (-1,)), axis=-1), axis=0)
 
 
+def _solve_flow(eps_fn, z, gamma_0, gamma_1, probes, rtol, atol, max_steps):
+  """(z_1, divergence [B], num_steps) of the flow in s in [0, 1] (see `ode_nll`), diffrax Tsit5."""
+  span = gamma_1 - gamma_0
+
+  def vector_field(s, state, args):
+    del args
+    z_s = state[0]
+    gamma = gamma_0 + span * s
+    sigma = schedules.sigma(gamma)
+    eps_hat, trace = _eps_and_trace(eps_fn, z_s, gamma, sigma, probes)
+    scale = gaussian.broadcast_to_data(0.5 * span * sigma, z_s.ndim)
+    dz = scale * (eps_hat - gaussian.broadcast_to_data(sigma, z_s.ndim) * z_s)
+    return dz, 0.5 * span * sigma * trace
+
+  solution = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=0.0, t1=1.0, dt0=None,
+      y0=(z, jnp.zeros(z.shape[:1], jnp.float32)), saveat=diffrax.SaveAt(t1=True),
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_max_example_rms),
+      max_steps=max_steps)
+  return solution.ys[0][-1], solution.ys[1][-1], solution.stats["num_steps"]
+
+
 def _check_solver_options(num_probes, probe, rtol, atol, max_steps):
   if not (_numerics.is_int(num_probes) and num_probes >= 1):
     raise ValueError(f"num_probes must be an int >= 1, got {num_probes!r}")
@@ -142,28 +164,12 @@ def ode_nll(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.typing.ArrayLike, key: jax.
   batch, dim = z.shape[0], math.prod(z.shape[1:])
   gamma_0, gamma_1 = gamma_fn(jnp.zeros((batch,))), gamma_fn(jnp.ones((batch,)))
   if jnp.shape(gamma_0) != (batch,) or jnp.shape(gamma_1) != (batch,):
-    raise ValueError(f"gamma_fn must map t [{batch}] to gamma [{batch}], got {jnp.shape(gamma_0)}")
-  span = gamma_1 - gamma_0
+    raise ValueError(f"gamma_fn must map t [{batch}] to gamma [{batch}], got "
+                     f"{jnp.shape(gamma_0)}; broadcast a scalar schedule to the batch")
   probes = None if exact_trace else _draw_probes(key, probe, num_probes, z.shape)
-
-  def vector_field(s, state, args):
-    del args
-    z_s = state[0]
-    gamma = gamma_0 + span * s
-    sigma = schedules.sigma(gamma)
-    eps_hat, trace = _eps_and_trace(eps_fn, z_s, gamma, sigma, probes)
-    scale = gaussian.broadcast_to_data(0.5 * span * sigma, z_s.ndim)
-    dz = scale * (eps_hat - gaussian.broadcast_to_data(sigma, z_s.ndim) * z_s)
-    return dz, 0.5 * span * sigma * trace
-
-  solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=0.0, t1=1.0, dt0=None,
-      y0=(z, jnp.zeros((batch,), jnp.float32)), saveat=diffrax.SaveAt(t1=True),
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_max_example_rms),
-      max_steps=max_steps)
-  z_1, divergence = solution.ys[0][-1], solution.ys[1][-1]
+  z_1, divergence, num_steps = _solve_flow(eps_fn, z, gamma_0, gamma_1, probes, rtol, atol,
+                                           max_steps)
   prior = 0.5 * _numerics.sum_per_example(jnp.square(z_1)) + 0.5 * dim * math.log(2.0 * math.pi)
-  num_steps = solution.stats["num_steps"]
   info = {"prior": prior, "divergence": divergence, "z_1": z_1, "num_steps": num_steps,
           "nfe": 6 * num_steps + 1}
   return prior - divergence, info
