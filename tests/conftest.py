@@ -1,4 +1,8 @@
-"""Shared pytest fixtures: the reference fixture folder and 64-bit numpy helpers."""
+"""Shared pytest fixtures: the reference fixture recorded from google-research/vdm.
+
+The fixture lives in the repository (tests/fixtures/vdm_reference, a copy of the
+project's shared/fixtures/vdm_reference), so a plain clone runs every test.
+"""
 import os
 import pathlib
 
@@ -6,12 +10,11 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "vdm_reference"
+REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "fixtures" / "vdm_reference"
 
 
 @pytest.fixture(scope="session")
 def reference_dir():
-  """Path of ../shared/fixtures/vdm_reference; skips the test when it is absent."""
-  if not REFERENCE_DIR.is_dir():
-    pytest.skip(f"reference fixture not found at {REFERENCE_DIR} (needs ../shared beside the checkout)")
+  """Path of tests/fixtures/vdm_reference (arrays recorded from the original code)."""
+  assert REFERENCE_DIR.is_dir(), f"reference fixture missing at {REFERENCE_DIR}"
   return REFERENCE_DIR

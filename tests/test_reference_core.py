@@ -1,4 +1,4 @@
-"""Parity of the math core with google-research/vdm (../shared/fixtures/vdm_reference).
+"""Parity of the math core with google-research/vdm (tests/fixtures/vdm_reference).
 
 The score network is not under test here: the losses are fed the stored eps_hat
 (computed by the reference network on the stored z_t, g_t), and each schedule is

@@ -1,6 +1,6 @@
 """vdm_jax.model with reference parameters reproduces google-research/vdm outputs.
 
-Uses ../shared/fixtures/vdm_reference (skips when absent). The parameters are
+Uses tests/fixtures/vdm_reference. The parameters are
 imported with vdm_jax.reference; every number is computed by our networks,
 schedules and the core losses. Tolerances follow the fixture README: the score
 network on the stored z_t, g_t to about 1e-5; results that depend on our own
