@@ -2,21 +2,32 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 
-def is_int(value) -> bool:
-  """True for Python and numpy integers (bool excluded)."""
+def is_int(value: object) -> bool:
+  """True for Python and numpy integers (bool excluded); False for floats, arrays and bool."""
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def sum_per_example(values: jax.Array) -> jax.Array:
-  """Sums an array [B, ...] over all but the first axis: [B]."""
+  """Sums an array [B, ...] over all but the first axis: sum_{i > 0} values[b, i], [B].
+
+  The one per-example reduction of every loss (nats summed over H, W, C).
+  """
   return jnp.sum(jnp.reshape(values, (values.shape[0], -1)), axis=-1)
 
 
-def alpha_ratio(gamma_from: jax.Array, gamma_to: jax.Array) -> jax.Array:
+def alpha_ratio(gamma_from: ArrayLike, gamma_to: ArrayLike) -> jax.Array:
   r"""alpha_to / alpha_from = exp((softplus(gamma_from) - softplus(gamma_to)) / 2).
 
   From log alpha^2 = -softplus(gamma); exact for any order of the two gammas.
+
+  Args:
+    gamma_from: gamma of the start point, scalar or any shape.
+    gamma_to: gamma of the end point, broadcastable with gamma_from.
+
+  Returns:
+    the ratio alpha_to / alpha_from, the broadcast shape of the two.
   """
   return jnp.exp(0.5 * (jax.nn.softplus(gamma_from) - jax.nn.softplus(gamma_to)))

@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy import special
+from jax.typing import ArrayLike
 
 from vdm_jax import _numerics
 from vdm_jax import gaussian
 from vdm_jax import schedules
+from vdm_jax.typing import PRNGKey
 
 
 def _check_vocab(vocab_size):
@@ -24,8 +26,10 @@ def _check_vocab(vocab_size):
     raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
 
 
-def encode(x, vocab_size=256):
+def encode(x: ArrayLike, vocab_size: int = 256) -> jax.Array:
   r"""VDM encoding of integer data: f = 2 (round(x) + 0.5) / vocab_size - 1.
+
+  The centre of x's bin of width 2 / V in [-1, 1] (Kingma et al. 2021).
 
   Args:
     x: integer values in {0, ..., vocab_size - 1}, any shape (e.g. [B, H, W, C]).
@@ -39,8 +43,8 @@ def encode(x, vocab_size=256):
   return 2.0 * ((x + 0.5) / vocab_size) - 1.0
 
 
-def categorical_logprobs(z_0, gamma_0, vocab_size=256):
-  r"""VDM decoder log p(x_i = v | z_0) for every value v.
+def categorical_logprobs(z_0: ArrayLike, gamma_0: ArrayLike, vocab_size: int = 256) -> jax.Array:
+  r"""VDM decoder log p(x_i = v | z_0) for every value v (Kingma et al. 2021).
 
     logit_v = -0.5 (z_0 - alpha_0 enc(v))^2 / sigma_0^2,  log p = log_softmax_v(logit),
   equal to the reference's form -0.5 ((z_0 / alpha_0 - enc(v)) exp(-gamma_0 / 2))^2.
@@ -63,7 +67,8 @@ def categorical_logprobs(z_0, gamma_0, vocab_size=256):
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def decode(z_0, gamma_0, *, key=None, vocab_size=256):
+def decode(z_0: ArrayLike, gamma_0: ArrayLike, *, key: PRNGKey | None = None,
+           vocab_size: int = 256) -> jax.Array:
   r"""Decodes z_0 to integers with the VDM categorical decoder.
 
   x = argmax_v log p(x = v | z_0) when key is None, else x ~ p(x | z_0).
@@ -83,8 +88,10 @@ def decode(z_0, gamma_0, *, key=None, vocab_size=256):
   return jax.random.categorical(key, logprobs, axis=-1).astype(jnp.int32)
 
 
-def ddpm_encode(x, vocab_size=256):
+def ddpm_encode(x: ArrayLike, vocab_size: int = 256) -> jax.Array:
   r"""DDPM scaling of integer data: f = 2 x / (vocab_size - 1) - 1 (x / 127.5 - 1 for V = 256).
+
+  Ho et al. 2020, sec. 3.3 (the data scaled linearly to [-1, 1]).
 
   Args:
     x: integers in {0, ..., V-1}, any shape.
@@ -137,8 +144,9 @@ def _log1mexp(a):
   return jnp.where(near_zero, jnp.log(-jnp.expm1(a_near)), jnp.log1p(-jnp.exp(a_far)))
 
 
-def discretized_gaussian_logprobs(mean, log_scale, vocab_size=256):
-  r"""DDPM discretised-Gaussian decoder log p(x = v) for every value v.
+def discretized_gaussian_logprobs(mean: ArrayLike, log_scale: ArrayLike,
+                                  vocab_size: int = 256) -> jax.Array:
+  r"""DDPM discretised-Gaussian decoder log p(x = v) for every value v (Ho et al. 2020, eq. 13).
 
   With data scaled to c_v = 2 v / (V - 1) - 1 and bin half-width delta = 1 / (V - 1):
     p(v) = Phi((c_v + delta - mean) / scale) - Phi((c_v - delta - mean) / scale),
@@ -171,8 +179,11 @@ def discretized_gaussian_logprobs(mean, log_scale, vocab_size=256):
   return jnp.where(index == 0, first, jnp.where(index == vocab_size - 1, last, interior))
 
 
-def discretized_gaussian_log_likelihood(x, mean, log_scale, vocab_size=256):
+def discretized_gaussian_log_likelihood(x: ArrayLike, mean: ArrayLike, log_scale: ArrayLike,
+                                        vocab_size: int = 256) -> jax.Array:
   r"""log p(x | mean, scale) of the DDPM discretised-Gaussian decoder, summed per example.
+
+    sum_i log p(x_i),  p(x_i) from `discretized_gaussian_logprobs` (Ho et al. 2020, eq. 13).
 
   Args:
     x: integers in {0, ..., V-1}, [B, H, W, C].

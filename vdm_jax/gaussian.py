@@ -11,12 +11,13 @@ H, W, C axes of the data it is combined with.
 """
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from vdm_jax import _numerics
 from vdm_jax import schedules
 
 
-def broadcast_to_data(gamma, ndim):
+def broadcast_to_data(gamma: ArrayLike, ndim: int) -> jax.Array:
   """Reshapes a scalar or [B] gamma to broadcast against an array of rank `ndim`.
 
   Args:
@@ -32,8 +33,10 @@ def broadcast_to_data(gamma, ndim):
   return jnp.reshape(gamma, gamma.shape + (1,) * (ndim - gamma.ndim))
 
 
-def forward_marginal(f, gamma):
-  r"""Mean and variance of q(z_t | x) = N(alpha_t f, sigma_t^2 I).
+def forward_marginal(f: ArrayLike, gamma: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  r"""Mean and variance of q(z_t | x) = N(alpha_t f, sigma_t^2 I) (Kingma et al. 2021, eq. 1).
+
+    mean = alpha_t f = sqrt(sigmoid(-gamma_t)) f,  var = sigma_t^2 = sigmoid(gamma_t)
 
   Args:
     f: encoded data, [B, H, W, C] (any shape).
@@ -48,7 +51,7 @@ def forward_marginal(f, gamma):
   return alpha_t * f, jax.nn.sigmoid(gamma)  # sigma_t^2 = sigmoid(gamma_t)
 
 
-def sample_forward(f, gamma, eps):
+def sample_forward(f: ArrayLike, gamma: ArrayLike, eps: ArrayLike) -> jax.Array:
   r"""Reparameterised sample of q(z_t | x): z_t = alpha_t f + sigma_t eps.
 
   Args:
@@ -66,7 +69,7 @@ def sample_forward(f, gamma, eps):
   return alpha_t * f + sigma_t * eps
 
 
-def transition(gamma_s, gamma_t):
+def transition(gamma_s: ArrayLike, gamma_t: ArrayLike) -> tuple[jax.Array, jax.Array]:
   r"""Scale and variance of q(z_t | z_s) = N(alpha_{t|s} z_s, sigma_{t|s}^2 I), s < t.
 
     alpha_{t|s}^2 = alpha_t^2 / alpha_s^2 = exp(softplus(gamma_s) - softplus(gamma_t))
@@ -85,7 +88,8 @@ def transition(gamma_s, gamma_t):
   return alpha_ts, var_ts
 
 
-def posterior(z_t, f, gamma_s, gamma_t):
+def posterior(z_t: ArrayLike, f: ArrayLike, gamma_s: ArrayLike,
+              gamma_t: ArrayLike) -> tuple[jax.Array, jax.Array]:
   r"""Mean and variance of the forward-process posterior q(z_s | z_t, x), s < t.
 
   With c = -expm1(gamma_s - gamma_t) = sigma_{t|s}^2 / sigma_t^2 (Bayes' rule for
@@ -127,7 +131,8 @@ def _expm1_minus_x(y):
   return jnp.where(small, series, jnp.expm1(y_big) - y_big)
 
 
-def kl_normal(mean_q, var_q, mean_p, var_p):
+def kl_normal(mean_q: ArrayLike, var_q: ArrayLike, mean_p: ArrayLike,
+              var_p: ArrayLike) -> jax.Array:
   r"""Elementwise KL(N(mean_q, var_q) || N(mean_p, var_p)) in nats.
 
     KL = 0.5 ((mean_q - mean_p)^2 / var_p + r - 1 - log r),  r = var_q / var_p,
@@ -143,12 +148,19 @@ def kl_normal(mean_q, var_q, mean_p, var_p):
   return 0.5 * (jnp.square(mean_q - mean_p) / var_p + _expm1_minus_x(log_r))
 
 
-def kl_to_standard_normal(mean, var):
-  r"""Elementwise KL(N(mean, var) || N(0, 1)) = 0.5 (mean^2 + var - 1 - log var), nats."""
+def kl_to_standard_normal(mean: ArrayLike, var: ArrayLike) -> jax.Array:
+  r"""Elementwise KL(N(mean, var) || N(0, 1)) = 0.5 (mean^2 + var - 1 - log var), nats.
+
+  Args:
+    mean, var: broadcastable arrays; var > 0.
+
+  Returns:
+    KL per element, the broadcast shape of mean and var (nats, not summed).
+  """
   return kl_normal(mean, var, 0.0, 1.0)
 
 
-def kl_to_standard_normal_from_gamma(f, gamma):
+def kl_to_standard_normal_from_gamma(f: ArrayLike, gamma: ArrayLike) -> jax.Array:
   r"""Elementwise KL(q(z_t | x) || N(0, 1)) written in gamma for stability.
 
     0.5 (alpha^2 f^2 + sigma^2 - 1 - log sigma^2),  log sigma^2 = -softplus(-gamma),

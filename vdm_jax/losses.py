@@ -15,10 +15,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from vdm_jax import _numerics
 from vdm_jax import decoders
 from vdm_jax import gaussian
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey, Shape, Terms
 
 
 def _squared_error(eps, eps_hat):
@@ -28,7 +30,7 @@ def _squared_error(eps, eps_hat):
   return _numerics.sum_per_example(jnp.square(eps - eps_hat))
 
 
-def prior_loss(f, gamma_1):
+def prior_loss(f: ArrayLike, gamma_1: ArrayLike) -> jax.Array:
   r"""KL(q(z_1 | x) || N(0, I)), the VDM latent loss.
 
   With alpha_1^2 = sigmoid(-gamma_1), sigma_1^2 = sigmoid(gamma_1):
@@ -45,8 +47,9 @@ def prior_loss(f, gamma_1):
   return _numerics.sum_per_example(gaussian.kl_to_standard_normal_from_gamma(f, gamma_1))
 
 
-def reconstruction_loss(x, z_0, gamma_0, vocab_size=256):
-  r"""-log p(x | z_0) under the VDM categorical decoder.
+def reconstruction_loss(x: ArrayLike, z_0: ArrayLike, gamma_0: ArrayLike,
+                        vocab_size: int = 256) -> jax.Array:
+  r"""-log p(x | z_0) under the VDM categorical decoder (Kingma et al. 2021).
 
     -sum_i log softmax_v(-0.5 (z_0,i - alpha_0 enc(v))^2 / sigma_0^2)[x_i]
 
@@ -67,7 +70,7 @@ def reconstruction_loss(x, z_0, gamma_0, vocab_size=256):
   return -_numerics.sum_per_example(picked)
 
 
-def diffusion_loss(eps, eps_hat, dgamma_dt):
+def diffusion_loss(eps: ArrayLike, eps_hat: ArrayLike, dgamma_dt: ArrayLike) -> jax.Array:
   r"""Continuous-time diffusion loss for one t per example (VDM eq. 17).
 
     0.5 * gamma'(t) * ||eps - eps_hat||^2
@@ -83,7 +86,8 @@ def diffusion_loss(eps, eps_hat, dgamma_dt):
   return 0.5 * dgamma_dt * _squared_error(eps, eps_hat)
 
 
-def discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, num_steps):
+def discrete_diffusion_loss(eps: ArrayLike, eps_hat: ArrayLike, gamma_t: ArrayLike,
+                            gamma_s: ArrayLike, num_steps: int) -> jax.Array:
   r"""Discrete-time diffusion loss for one step per example (VDM eq. 13-15).
 
     0.5 * T * expm1(gamma_t - gamma_s) * ||eps - eps_hat||^2,  s = t - 1/T
@@ -108,7 +112,7 @@ def _check_options(num_steps, vocab_size):
     raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
 
 
-def round_up_to_grid(t, num_steps):
+def round_up_to_grid(t: ArrayLike, num_steps: int) -> tuple[jax.Array, jax.Array]:
   r"""Discrete-time rounding of the VDM reference: t <- ceil(t T) / T, s = t - 1/T.
 
   Args:
@@ -122,8 +126,12 @@ def round_up_to_grid(t, num_steps):
   return t, t - 1.0 / num_steps
 
 
-def vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, *, num_steps=0, vocab_size=256):
+def vdm_loss_from_noise(eps_fn: EpsFn, gamma_fn: GammaFn, x: ArrayLike, t: ArrayLike,
+                        eps: ArrayLike, eps0: ArrayLike, *, num_steps: int = 0,
+                        vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""The VDM loss terms for given times and noises (deterministic given its inputs).
+
+  Kingma et al. 2021, eq. 13-17 (see the module docstring for the three terms).
 
   f = encode(x); z_0 = alpha_0 f + sigma_0 eps0; z_t = alpha_t f + sigma_t eps;
   continuous (T = 0): diffusion = 0.5 gamma'(t) ||eps - eps_fn(z_t, gamma_t)||^2 with
@@ -160,7 +168,8 @@ def vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, *, num_steps=0, vocab
   return _total(terms), terms
 
 
-def eps_prediction(eps_fn, gamma_fn, f, t, eps):
+def eps_prediction(eps_fn: EpsFn, gamma_fn: GammaFn, f: ArrayLike, t: ArrayLike,
+                   eps: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""The network's input and output for one continuous time per example.
 
   gamma_t, gamma'(t) = jax.jvp(gamma_fn, t, 1); z_t = alpha_t f + sigma_t eps;
@@ -203,7 +212,7 @@ def _total(terms):
   return terms["prior"] + terms["reconstruction"] + terms["diffusion"]
 
 
-def sample_times(key, batch_size, *, antithetic=True):
+def sample_times(key: PRNGKey, batch_size: int, *, antithetic: bool = True) -> jax.Array:
   r"""Diffusion times t ~ U(0, 1), optionally antithetic (low-discrepancy).
 
   antithetic: t0 ~ U(0, 1) (one scalar), t_i = mod(t0 + i / B, 1); else t_i iid U(0, 1).
@@ -221,13 +230,24 @@ def sample_times(key, batch_size, *, antithetic=True):
   return jax.random.uniform(key, (batch_size,))
 
 
-def antithetic_times(t0, batch_size):
-  """Stratified times t_i = mod(t0 + i / B, 1) from one t0 in [0, 1); returns [B]."""
+def antithetic_times(t0: ArrayLike, batch_size: int) -> jax.Array:
+  """Stratified times t_i = mod(t0 + i / B, 1) from one t0 in [0, 1) (VDM appendix I.1).
+
+  Args:
+    t0: scalar offset in [0, 1).
+    batch_size: B.
+
+  Returns:
+    t, [B] float32 in [0, 1), exactly one in each interval [k / B, (k + 1) / B).
+  """
   return jnp.mod(t0 + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
 
 
-def vdm_loss(eps_fn, gamma_fn, x, key, *, num_steps=0, antithetic=True, vocab_size=256):
+def vdm_loss(eps_fn: EpsFn, gamma_fn: GammaFn, x: ArrayLike, key: PRNGKey, *, num_steps: int = 0,
+             antithetic: bool = True, vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""One-sample estimate of the VDM bound -log p(x) <= prior + reconstruction + diffusion.
+
+  Kingma et al. 2021 (the terms and their equations are listed in the module docstring).
 
   Draws, from key split in three and in this order: eps0 ~ N(0, I) (for z_0),
   t (see `sample_times`), eps ~ N(0, I) (for z_t); then calls `vdm_loss_from_noise`.
@@ -250,7 +270,8 @@ def vdm_loss(eps_fn, gamma_fn, x, key, *, num_steps=0, antithetic=True, vocab_si
   return vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, num_steps=num_steps, vocab_size=vocab_size)
 
 
-def draw_noise(key, shape, *, antithetic=True):
+def draw_noise(key: PRNGKey, shape: Shape, *,
+               antithetic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""The random inputs of one bound estimate: key split in three, drawn in this order:
   eps0 ~ N(0, I) (for z_0), t (see `sample_times`), eps ~ N(0, I) (for z_t).
 
@@ -270,7 +291,7 @@ def draw_noise(key, shape, *, antithetic=True):
   return t, jax.random.normal(key_eps, shape), eps0
 
 
-def bits_per_dim(nats, num_dims):
+def bits_per_dim(nats: ArrayLike, num_dims: int) -> jax.Array:
   r"""Converts nats per example to bits per dimension: nats / (D ln 2).
 
   Args:
@@ -317,7 +338,9 @@ def _second_moment_bwd(fn, residuals, cotangent):
 _second_moment_for_shape.defvjp(_second_moment_fwd, _second_moment_bwd)
 
 
-def variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t, eps):
+def variance_minimising_diffusion_loss(eps_fn: EpsFn, gamma_0: ArrayLike, gamma_1: ArrayLike,
+                                       shape_fn: GammaFn, f: ArrayLike, t: ArrayLike,
+                                       eps: ArrayLike) -> jax.Array:
   r"""Continuous diffusion loss [B] whose schedule-shape gradient minimises its variance.
 
   The schedule is gamma(t) = gamma_0 + (gamma_1 - gamma_0) g(t) with g = shape_fn,
@@ -351,13 +374,23 @@ def variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t,
   return _second_moment_for_shape(converted, gamma_0, gamma_1, g_t, dg_t, *consts)
 
 
-def schedule_from_shape(gamma_0, gamma_1, shape_fn):
-  """gamma_fn(t) = gamma_0 + (gamma_1 - gamma_0) shape_fn(t), the split used for variance minimisation."""
+def schedule_from_shape(gamma_0: ArrayLike, gamma_1: ArrayLike, shape_fn: GammaFn) -> GammaFn:
+  """gamma_fn(t) = gamma_0 + (gamma_1 - gamma_0) shape_fn(t), the split of variance minimisation.
+
+  Args:
+    gamma_0, gamma_1: schedule endpoints, scalars.
+    shape_fn: t [B] -> g(t) [B], monotone, g(0) = 0, g(1) = 1.
+
+  Returns:
+    gamma_fn mapping t [B] to gamma [B] (VDM appendix I.2).
+  """
   return lambda t: gamma_0 + (gamma_1 - gamma_0) * shape_fn(t)
 
 
-def variance_minimising_vdm_loss_from_noise(eps_fn, gamma_0, gamma_1, shape_fn, x, t, eps, eps0, *,
-                                            vocab_size=256):
+def variance_minimising_vdm_loss_from_noise(eps_fn: EpsFn, gamma_0: ArrayLike, gamma_1: ArrayLike,
+                                            shape_fn: GammaFn, x: ArrayLike, t: ArrayLike,
+                                            eps: ArrayLike, eps0: ArrayLike, *,
+                                            vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""`vdm_loss_from_noise` (continuous time) with the variance-minimising shape gradient.
 
   Same value as vdm_loss_from_noise(eps_fn, schedule_from_shape(gamma_0, gamma_1, shape_fn),
@@ -382,7 +415,10 @@ def variance_minimising_vdm_loss_from_noise(eps_fn, gamma_0, gamma_1, shape_fn, 
   return _total(terms), terms
 
 
-def variance_minimising_vdm_loss(eps_fn, gamma_0, gamma_1, shape_fn, x, key, *, antithetic=True, vocab_size=256):
+def variance_minimising_vdm_loss(eps_fn: EpsFn, gamma_0: ArrayLike, gamma_1: ArrayLike,
+                                 shape_fn: GammaFn, x: ArrayLike, key: PRNGKey, *,
+                                 antithetic: bool = True,
+                                 vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""`vdm_loss` (continuous time) whose schedule-shape parameters get d E[L_diff^2].
 
   Draws eps0, t, eps exactly as `vdm_loss` does (same key, same values) and calls

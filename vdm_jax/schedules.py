@@ -11,11 +11,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
+import numpy.typing as npt
+
+from vdm_jax.typing import GammaFn
 
 
-def fixed_linear(gamma_min=-13.3, gamma_max=5.0):
+def fixed_linear(gamma_min: float = -13.3, gamma_max: float = 5.0) -> GammaFn:
   r"""The VDM fixed linear schedule gamma(t) = gamma_min + (gamma_max - gamma_min) t.
+
+  Kingma et al. 2021, "Variational Diffusion Models" (the reference's gamma_type "fixed").
 
   Args:
     gamma_min: gamma(0) (float, nats of -log SNR).
@@ -27,20 +33,21 @@ def fixed_linear(gamma_min=-13.3, gamma_max=5.0):
   if not gamma_max > gamma_min:
     raise ValueError(f"fixed_linear expects gamma_max > gamma_min, got {gamma_min=}, {gamma_max=}")
 
-  def gamma_fn(t):
+  def gamma_fn(t: ArrayLike) -> jax.Array:
     t = jnp.asarray(t, jnp.result_type(t, jnp.float32))
     return gamma_min + (gamma_max - gamma_min) * t
 
   return gamma_fn
 
 
-def alpha_sigma(gamma):
+def alpha_sigma(gamma: ArrayLike) -> tuple[jax.Array, jax.Array]:
   r"""Signal and noise scales for a given gamma = -log SNR.
 
-    alpha = sqrt(sigmoid(-gamma)),  sigma = sqrt(sigmoid(gamma)),  alpha^2 + sigma^2 = 1.
+    alpha = sqrt(sigmoid(-gamma)),  sigma = sqrt(sigmoid(gamma)),  alpha^2 + sigma^2 = 1
+  (variance preserving; Kingma et al. 2021).
 
   Args:
-    gamma: array of any shape.
+    gamma: gamma = -log SNR, array of any shape.
 
   Returns:
     (alpha, sigma), each with the shape of gamma.
@@ -49,27 +56,27 @@ def alpha_sigma(gamma):
   return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
 
 
-def alpha(gamma):
+def alpha(gamma: ArrayLike) -> jax.Array:
   """alpha = sqrt(sigmoid(-gamma)), the signal scale; shape of gamma."""
   return jnp.sqrt(jax.nn.sigmoid(-jnp.asarray(gamma)))
 
 
-def sigma(gamma):
+def sigma(gamma: ArrayLike) -> jax.Array:
   """sigma = sqrt(sigmoid(gamma)), the noise scale; shape of gamma."""
   return jnp.sqrt(jax.nn.sigmoid(jnp.asarray(gamma)))
 
 
-def snr(gamma):
+def snr(gamma: ArrayLike) -> jax.Array:
   """Signal-to-noise ratio alpha^2 / sigma^2 = exp(-gamma); shape of gamma."""
   return jnp.exp(-jnp.asarray(gamma))
 
 
-def log_snr(gamma):
+def log_snr(gamma: ArrayLike) -> jax.Array:
   """log SNR = lambda = -gamma; shape of gamma."""
   return -jnp.asarray(gamma)
 
 
-def cosine(gamma_min=-13.3, gamma_max=5.0):
+def cosine(gamma_min: float = -13.3, gamma_max: float = 5.0) -> GammaFn:
   r"""Cosine schedule (Nichol & Dhariwal 2021) in gamma form, with finite endpoints.
 
   The cosine schedule alphabar(u) = cos^2(pi u / 2) has gamma(u) = 2 log tan(pi u / 2),
@@ -93,7 +100,7 @@ def cosine(gamma_min=-13.3, gamma_max=5.0):
   u_min = 2.0 / math.pi * math.atan(math.exp(0.5 * gamma_min))
   u_max = 2.0 / math.pi * math.atan(math.exp(0.5 * gamma_max))
 
-  def gamma_fn(t):
+  def gamma_fn(t: ArrayLike) -> jax.Array:
     t = jnp.asarray(t, jnp.result_type(t, jnp.float32))
     angle = 0.5 * math.pi * (u_min + (u_max - u_min) * t)
     return 2.0 * (jnp.log(jnp.sin(angle)) - jnp.log(jnp.cos(angle)))  # 2 log tan
@@ -101,7 +108,8 @@ def cosine(gamma_min=-13.3, gamma_max=5.0):
   return gamma_fn
 
 
-def ddpm_betas(kind, num_steps, *, beta_start=1e-4, beta_end=0.02, cosine_offset=0.008, max_beta=0.999):
+def ddpm_betas(kind: str, num_steps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
+               cosine_offset: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
   r"""DDPM variance schedules beta_1..beta_T (float64 numpy).
 
   kind:
@@ -140,7 +148,7 @@ def ddpm_betas(kind, num_steps, *, beta_start=1e-4, beta_end=0.02, cosine_offset
   raise ValueError(f"kind must be 'linear', 'quadratic', 'sigmoid' or 'cosine', got {kind!r}")
 
 
-def gammas_from_betas(betas):
+def gammas_from_betas(betas: npt.ArrayLike) -> np.ndarray:
   r"""gamma_i = log(1 / alphabar_i - 1) on the DDPM grid, i = 1..T (float64 numpy).
 
   With L_i = -log alphabar_i = -sum_{j <= i} log1p(-beta_j):
@@ -161,7 +169,7 @@ def gammas_from_betas(betas):
   return np.where(big, neg_log_abar + np.log(-np.expm1(-neg_log_abar)), np.log(np.expm1(safe_small)))
 
 
-def betas_from_gammas(gammas):
+def betas_from_gammas(gammas: npt.ArrayLike) -> np.ndarray:
   r"""Inverse bridge: beta_i = 1 - alphabar_i / alphabar_{i-1} with alphabar_0 = 1.
 
     beta_i = -expm1(softplus(gamma_{i-1}) - softplus(gamma_i)),  softplus(gamma_0) := 0.
@@ -177,7 +185,7 @@ def betas_from_gammas(gammas):
   return -np.expm1(np.concatenate([[0.0], log_inv_abar[:-1]]) - log_inv_abar)
 
 
-def from_betas(betas, *, gamma_0=None):
+def from_betas(betas: npt.ArrayLike, *, gamma_0: float | None = None) -> GammaFn:
   r"""gamma_fn of a DDPM beta schedule: piecewise linear through (i/T, gamma_i).
 
   On the grid t = i/T, i = 1..T, gamma(i/T) = gamma_i = log(1/alphabar_i - 1) (see
@@ -201,7 +209,7 @@ def from_betas(betas, *, gamma_0=None):
   grid_gamma = jnp.asarray(np.concatenate([[gamma_0], gammas]), jnp.float32)
   grid_t = jnp.linspace(0.0, 1.0, gammas.size + 1)
 
-  def gamma_fn(t):
+  def gamma_fn(t: ArrayLike) -> jax.Array:
     return jnp.interp(jnp.asarray(t, jnp.float32), grid_t, grid_gamma)
 
   return gamma_fn
