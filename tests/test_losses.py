@@ -143,38 +143,6 @@ def test_discrete_time_loss_approaches_the_continuous_one_like_one_over_t():
   assert errors[-1] < 0.03 * continuous
 
 
-def test_exact_ddpm_bound_equals_the_mean_of_one_step_estimates():
-  betas = schedules.ddpm_betas("cosine", 8)
-  x = np.tile(rng.integers(0, 256, (1, 2, 2, 1)), (2000, 1, 1, 1))
-  eps_fn = lambda z, g: 0.7 * z + 0.1 * jnp.tanh(g)[:, None, None, None]
-  exact, terms = jax.jit(lambda x, k: ddpm.ddpm_bound(eps_fn, betas, x, k))(x[:200], _key())
-  one_step = jax.jit(lambda x, k: ddpm.ddpm_bound_one_step(eps_fn, betas, x, k))(x, _key())
-  exact, one_step = np.asarray(exact, np.float64), np.asarray(one_step, np.float64)
-  np.testing.assert_allclose(exact, terms["prior"] + terms["reconstruction"] + terms["diffusion"], rtol=1e-5)
-  se = np.sqrt(exact.var() / exact.size + one_step.var() / one_step.size)
-  assert abs(exact.mean() - one_step.mean()) < 4 * se
-
-
-@pytest.mark.parametrize("variance", ["small", "large"])
-def test_ddpm_kl_steps_equal_the_vdm_discrete_term_for_the_posterior_variance(variance):
-  num_steps = 20
-  betas = schedules.ddpm_betas("linear", num_steps, beta_end=0.2)
-  gammas = schedules.gammas_from_betas(betas).astype(np.float32)
-  x = rng.integers(0, 256, (6, 2, 2, 3))
-  step = rng.integers(2, num_steps + 1, 6)
-  eps = rng.standard_normal(x.shape).astype(np.float32)
-  eps_fn = lambda z, g: 0.5 * z
-  got = jax.jit(functools.partial(ddpm.ddpm_step_loss, eps_fn, betas, variance=variance))(x, step, eps)
-  gamma_t, gamma_s = gammas[step - 1], gammas[step - 2]
-  f = 2 * x / 255 - 1
-  vdm = losses.discrete_diffusion_loss(eps, eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t),
-                                       gamma_t, gamma_s, num_steps) / num_steps
-  if variance == "small":
-    np.testing.assert_allclose(got, vdm, rtol=1e-4)
-  else:  # the larger model variance costs extra: KL >= the matched-variance term scaled by beta-tilde/beta
-    assert np.all(np.asarray(got) > 0) and not np.allclose(got, vdm, rtol=1e-3)
-
-
 def test_x0_and_v_prediction_conversions_invert_and_rescale_the_eps_error():
   shape, gamma = (4, 2, 2, 3), rng.uniform(-8, 8, 4).astype(np.float32)
   x0, eps, eps_hat = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
