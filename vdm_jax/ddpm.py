@@ -15,6 +15,8 @@ Every term is nats per example summed over H, W, C, shape [B].
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
+from jax.typing import ArrayLike
 
 from vdm_jax import _numerics
 from vdm_jax import decoders
@@ -22,6 +24,7 @@ from vdm_jax import gaussian
 from vdm_jax import losses
 from vdm_jax import schedules
 from vdm_jax import weighted_losses
+from vdm_jax.typing import EpsFn, PRNGKey, Terms
 
 
 def _tables(betas, variance):
@@ -66,8 +69,11 @@ def _check(x, vocab_size):
   return x, decoders.ddpm_encode(x, vocab_size)
 
 
-def ddpm_bound(eps_fn, betas, x, key, *, variance="small", vocab_size=256):
+def ddpm_bound(eps_fn: EpsFn, betas: npt.ArrayLike, x: ArrayLike, key: PRNGKey, *,
+               variance: str = "small", vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""The DDPM bound summed over all T steps (one x_i sample per step and example).
+
+    L = L_T + sum_{i=2}^T L_{i-1} + L_0    (Ho et al. 2020, eq. 5; see the module docstring)
 
   Args:
     eps_fn: (z [B, H, W, C], gamma [B]) -> eps_hat.
@@ -98,7 +104,9 @@ def ddpm_bound(eps_fn, betas, x, key, *, variance="small", vocab_size=256):
   return terms["prior"] + terms["reconstruction"] + terms["diffusion"], terms
 
 
-def ddpm_step_loss(eps_fn, betas, x, step, eps, *, variance="small", vocab_size=256):
+def ddpm_step_loss(eps_fn: EpsFn, betas: npt.ArrayLike, x: ArrayLike, step: ArrayLike,
+                   eps: ArrayLike, *,
+                   variance: str = "small", vocab_size: int = 256) -> jax.Array:
   r"""One term of the DDPM bound at given steps and noise: L_{i-1} for i = step.
 
   step = 1 gives L_0 (decoder), step >= 2 the KL L_{i-1} at x_i = alpha_i x_0 + sigma_i eps.
@@ -121,7 +129,8 @@ def ddpm_step_loss(eps_fn, betas, x, step, eps, *, variance="small", vocab_size=
   return jnp.where(step == 1, decoder, kl)
 
 
-def ddpm_bound_one_step(eps_fn, betas, x, key, *, variance="small", vocab_size=256):
+def ddpm_bound_one_step(eps_fn: EpsFn, betas: npt.ArrayLike, x: ArrayLike, key: PRNGKey, *,
+                        variance: str = "small", vocab_size: int = 256) -> jax.Array:
   r"""Unbiased one-step estimate of the DDPM bound: L_T + T L_{i-1}, i ~ U{1, ..., T}.
 
   Args:

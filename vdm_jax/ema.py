@@ -28,15 +28,16 @@ Trainer protocol (what the trainer stores):
   every N updates:         save emas[k] with Snapshot(step=t, gamma=gammas[k])
   at evaluation:           combine(saved params, posthoc_weights(snapshots, sigma_rel))
 """
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
-PyTree = Any
+from vdm_jax.typing import PyTree
 
-DEFAULT_SIGMA_RELS = (0.05, 0.10)
+DEFAULT_SIGMA_RELS: tuple[float, ...] = (0.05, 0.10)
 # sigma_rel of gamma = 0, the uniform average of all steps; larger widths need gamma < 0.
 MAX_SIGMA_REL = 12.0 ** -0.5
 
@@ -103,7 +104,7 @@ def power_weights(step: int, gamma: float) -> np.ndarray:
   return np.diff(s ** (gamma + 1.0))
 
 
-def update(ema: PyTree, params: PyTree, step, gamma) -> PyTree:
+def update(ema: PyTree, params: PyTree, step: int | jax.Array, gamma: float | jax.Array) -> PyTree:
   """One power-function EMA step: ema <- beta_t ema + (1 - beta_t) params (EDM2 eq. 127).
 
   beta_t = (1 - 1/t)^(gamma + 1), computed as exp((gamma + 1) log1p(-1/t)) and
@@ -189,7 +190,7 @@ def posthoc_weights(snapshots: Sequence[Snapshot], sigma_rel: float, *,
   return posthoc_weights_sweep(snapshots, [sigma_rel], step=step)[0]
 
 
-def posthoc_fit_error(snapshots: Sequence[Snapshot], weights, sigma_rel: float, *,
+def posthoc_fit_error(snapshots: Sequence[Snapshot], weights: npt.ArrayLike, sigma_rel: float, *,
                       step: Optional[int] = None) -> float:
   """Relative L2 error of the profile fit: ||sum_i w_i f_i - f*|| / ||f*||.
 
@@ -224,7 +225,7 @@ def posthoc_fit_error(snapshots: Sequence[Snapshot], weights, sigma_rel: float, 
   return float(np.sqrt(max(residual2, 0.0) / norm2))
 
 
-def combine(snapshot_params: Iterable[PyTree], weights) -> PyTree:
+def combine(snapshot_params: Iterable[PyTree], weights: npt.ArrayLike) -> PyTree:
   """sum_i w_i params_i, leaf by leaf, streaming over the snapshots.
 
   Accumulates in float32 (or wider) and returns each leaf in its input dtype.

@@ -33,7 +33,7 @@ Estimation for Diffusion ODEs", i-DODE):
 All quantities are nats per example, summed over H, W, C, shape [B].
 """
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import diffrax
 import jax
@@ -44,11 +44,9 @@ from vdm_jax import decoders
 from vdm_jax import gaussian
 from vdm_jax import losses
 from vdm_jax import schedules
+from vdm_jax.typing import EpsFn, GammaFn, LossFn, Params, PRNGKey, Terms
 
-PROBES = ("rademacher", "gaussian")
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], gamma_t [B]) -> eps_hat
-GammaFn = Callable[[jax.Array], jax.Array]  # t [B] -> gamma [B]
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]  # (params, batch, key)
+PROBES: tuple[str, ...] = ("rademacher", "gaussian")
 
 
 def _max_example_rms(tree):
@@ -121,9 +119,10 @@ def _check_solver_options(num_probes, probe, rtol, atol, max_steps):
     raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
 
 
-def ode_nll(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.typing.ArrayLike, key: jax.Array, *,
+def ode_nll(eps_fn: EpsFn, gamma_fn: GammaFn, z: jax.typing.ArrayLike, key: PRNGKey, *,
             num_probes: int = 1, exact_trace: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
-            probe: str = "rademacher", max_steps: int = 4096) -> tuple[jax.Array, dict]:
+            probe: str = "rademacher",
+            max_steps: int = 4096) -> tuple[jax.Array, dict[str, jax.Array]]:
   r"""-log p_ODE(z): exact likelihood of z at t = 0 under the probability-flow ODE, prior N(0, I).
 
   Solves (Tsit5, PID step-size control with rtol, atol; Song et al. 2021, eq. 13; Chen et
@@ -186,8 +185,8 @@ def _gaussian_log_density(eps, gamma_0):
   return -0.5 * squared - 0.5 * dim * (math.log(2.0 * math.pi) + log_var)
 
 
-def uniform_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: jax.Array, *,
-                           vocab_size: int = 256) -> tuple[jax.Array, dict]:
+def uniform_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: PRNGKey, *,
+                           vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""Uniform dequantization into the ODE's variable z_0 (Theis et al. 2016; Song et al. 2021).
 
   With f = 2 (x + 0.5) / V - 1, x's bin in the encoded scale is [f - 1/V, f + 1/V] (width 2/V):
@@ -216,8 +215,8 @@ def uniform_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: jax
   return z_0, {"dequantization": log_q}
 
 
-def variational_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: jax.Array, *,
-                               vocab_size: int = 256) -> tuple[jax.Array, dict]:
+def variational_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: PRNGKey, *,
+                               vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""VDM's q(z_0 | x) with its categorical decoder (Kingma et al. 2021, eq. 8 and 9).
 
     z_0 = alpha_0 f + sigma_0 eps,  eps ~ N(0, I),
@@ -245,8 +244,8 @@ def variational_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key:
                "dequantization": _gaussian_log_density(eps, gamma_0)}
 
 
-def truncated_normal_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: jax.Array, *,
-                                    vocab_size: int = 256) -> tuple[jax.Array, dict]:
+def truncated_normal_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array, key: PRNGKey, *,
+                                    vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""Truncated-normal dequantization of i-DODE (Zheng et al. 2023, sec. 5), training-free.
 
   q(z_0 | x) is the forward marginal N(alpha_0 f, sigma_0^2 I) truncated to alpha_0 * bin(x):
@@ -275,12 +274,13 @@ def truncated_normal_dequantization(x: jax.typing.ArrayLike, gamma_0: jax.Array,
   return gaussian.sample_forward(f, gamma_0, eps), {"dequantization": log_q}
 
 
-DEQUANTIZERS = {"uniform": uniform_dequantization, "variational": variational_dequantization,
-                "truncated_normal": truncated_normal_dequantization}
+DEQUANTIZERS: dict[str, Callable[..., tuple[jax.Array, Terms]]] = {
+    "uniform": uniform_dequantization, "variational": variational_dequantization,
+    "truncated_normal": truncated_normal_dequantization}
 
 
-def ode_loss_fn(eps_fn_from_params: Callable[[Any, dict], EpsFn],
-                gamma_fn_from_params: Callable[[Any], GammaFn], *,
+def ode_loss_fn(eps_fn_from_params: Callable[[Params, dict], EpsFn],
+                gamma_fn_from_params: Callable[[Params], GammaFn], *,
                 dequantization: str = "variational", vocab_size: int = 256,
                 num_probes: int = 1, exact_trace: bool = False, probe: str = "rademacher",
                 rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096) -> LossFn:

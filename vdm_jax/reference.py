@@ -13,6 +13,7 @@ expects (names and shapes, computed with jax.eval_shape, no compilation).
 """
 import os
 import re
+from typing import Any
 
 import flax.serialization
 import flax.traverse_util
@@ -22,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from vdm_jax import model as model_lib
+from vdm_jax.typing import Params
 
 _GAMMA_TYPES = {"fixed": "fixed_linear", "learnable_scalar": "learned_linear",
                 "learnable_nnet": "learned_nnet"}
@@ -33,13 +35,22 @@ _FIELDS = {"vocab_size": "vocab_size", "sm_n_embd": "n_embd", "sm_n_layer": "n_l
 _CLU_FILE = re.compile(r"^ckpt-(\d+)\.flax$")
 
 
-def model_config(vdm_config, *, image_shape=(32, 32, 3), **overrides):
+def model_config(vdm_config: dict[str, Any], *, image_shape: tuple[int, int, int] = (32, 32, 3),
+                 **overrides: Any) -> model_lib.ModelConfig:
   """ModelConfig equivalent to a reference VDMConfig (a dict of its fields).
 
   gamma_type fixed / learnable_scalar / learnable_nnet become the schedules
   fixed_linear / learned_linear / learned_nnet; sm_* fields map to n_embd,
   n_layer, dropout and num_steps. Unknown reference fields are ignored
   (sm_kernel_init is unused by the reference, sample_softmax only affects decoding).
+
+  Args:
+    vdm_config: the reference VDMConfig's fields, e.g. {"sm_n_embd": 128, "gamma_type": ...}.
+    image_shape: (H, W, C) of the data.
+    **overrides: ModelConfig fields that replace the converted ones.
+
+  Returns:
+    the ModelConfig (network "score_unet", label_dropout 0).
   """
   gamma_type = vdm_config.get("gamma_type", "learnable_scalar")
   if gamma_type not in _GAMMA_TYPES:
@@ -51,7 +62,7 @@ def model_config(vdm_config, *, image_shape=(32, 32, 3), **overrides):
   return model_lib.ModelConfig(**fields)
 
 
-def expected_shapes(model):
+def expected_shapes(model: model_lib.VDM) -> dict[str, tuple[int, ...]]:
   """{'/'-joined leaf path: shape} of the parameters `model` expects (jax.eval_shape)."""
   c = model.config
   x = jax.ShapeDtypeStruct((1, *c.image_shape), jnp.int32)
@@ -60,7 +71,7 @@ def expected_shapes(model):
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def convert_params(tree, model):
+def convert_params(tree: dict, model: model_lib.VDM) -> Params:
   """Validates a reference parameter tree against `model` and returns it as float32 arrays.
 
   Args:
@@ -107,7 +118,8 @@ def _params_from_state(state, model, which, source):
   return convert_params(state, model)
 
 
-def load_params(path, model, *, which="ema_params"):
+def load_params(path: str | os.PathLike, model: model_lib.VDM, *,
+                which: str = "ema_params") -> Params:
   """Loads reference parameters from a msgpack file and validates them against `model`.
 
   Accepts `msgpack_serialize({'params': tree})` (a params file) and a train
@@ -138,7 +150,7 @@ def _clu_checkpoint_files(directory: str | os.PathLike) -> dict[int, epath.Path]
 
 
 def load_clu_checkpoint(directory: str | os.PathLike, model: model_lib.VDM, *,
-                        which: str = "ema_params", number: int | None = None) -> dict:
+                        which: str = "ema_params", number: int | None = None) -> Params:
   """Parameters from a clu checkpoint directory of the original google-research/vdm trainer.
 
   clu.checkpoint (Multihost)Checkpoint writes, per save, `ckpt-N.flax` (N = 1, 2, ... counts

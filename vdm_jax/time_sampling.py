@@ -16,13 +16,14 @@ q > 0 everywhere, so the estimator stays unbiased whatever the estimates are. Wi
 q is uniform, so the samples that fall in bin m (from any q) give an unbiased estimate of
 m2_m; `update_second_moments` keeps such running estimates.
 """
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from vdm_jax import _numerics
 from vdm_jax import losses
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey, Terms
 
 
 class TimeProposal(NamedTuple):
@@ -158,7 +159,7 @@ def quantile(proposal: TimeProposal, u: jax.typing.ArrayLike) -> jax.Array:
   return (m + frac) / num_bins
 
 
-def sample_times(proposal: TimeProposal, key: jax.Array, batch_size: int, *,
+def sample_times(proposal: TimeProposal, key: PRNGKey, batch_size: int, *,
                  antithetic: bool = True) -> tuple[jax.Array, jax.Array]:
   r"""t ~ q and the importance weights 1 / q(t).
 
@@ -178,10 +179,10 @@ def sample_times(proposal: TimeProposal, key: jax.Array, batch_size: int, *,
   return t, importance_weights(proposal, t)
 
 
-def vdm_loss_from_noise(eps_fn: Callable, gamma_fn: Callable, x: jax.typing.ArrayLike,
+def vdm_loss_from_noise(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.typing.ArrayLike,
                         t: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
                         eps0: jax.typing.ArrayLike, proposal: TimeProposal, *,
-                        vocab_size: int = 256) -> tuple[jax.Array, dict]:
+                        vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""The continuous-time VDM bound with the diffusion term reweighted for t ~ q.
 
     diffusion = 0.5 gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2 / q(t),
@@ -207,9 +208,9 @@ def vdm_loss_from_noise(eps_fn: Callable, gamma_fn: Callable, x: jax.typing.Arra
   return terms["prior"] + terms["reconstruction"] + terms["diffusion"], terms
 
 
-def vdm_loss(eps_fn: Callable, gamma_fn: Callable, x: jax.typing.ArrayLike, key: jax.Array,
+def vdm_loss(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.typing.ArrayLike, key: PRNGKey,
              proposal: TimeProposal, *, antithetic: bool = True,
-             vocab_size: int = 256) -> tuple[jax.Array, dict]:
+             vocab_size: int = 256) -> tuple[jax.Array, Terms]:
   r"""One-sample estimate of the VDM bound with importance-sampled times t ~ q.
 
   Draws (u, eps, eps0) = losses.draw_noise(key, x.shape, antithetic=antithetic) exactly as
