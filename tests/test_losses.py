@@ -171,40 +171,6 @@ def test_simple_loss_kinds_match_numpy():
     weighted_losses.simple_loss(a, b, kind="l3")
 
 
-def test_elbo_weighting_is_the_diffusion_loss_and_eps_mse_weighting_is_l_simple_under_cosine():
-  f, eps = rng.uniform(-1, 1, (5, 2, 2, 3)), rng.standard_normal((5, 2, 2, 3))
-  t = jnp.asarray(rng.uniform(0, 1, 5), jnp.float32)
-  eps_fn = lambda z, g: 0.8 * z
-  gamma_fn = schedules.cosine(-13.3, 5.0)
-  gamma_t, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
-  eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
-  elbo = weighted_losses.weighted_diffusion_loss_from_noise(eps_fn, gamma_fn, f, t, eps)
-  np.testing.assert_allclose(elbo, losses.diffusion_loss(eps, eps_hat, dgamma), rtol=1e-5)
-  mse = weighted_losses.weighted_diffusion_loss_from_noise(eps_fn, gamma_fn, f, t, eps,
-                                                           weight_fn=weighted_losses.eps_mse_weight)
-  u_min, u_max = [2 / np.pi * np.arctan(np.exp(g / 2)) for g in (-13.3, 5.0)]
-  np.testing.assert_allclose(mse, 0.5 * (u_max - u_min) * weighted_losses.simple_loss(eps, eps_hat), rtol=1e-4)
-
-
-@pytest.mark.parametrize("weighting", ["sigmoid", "edm", "min_snr"])
-def test_weighted_loss_is_the_lambda_integral_for_two_schedules_with_the_same_endpoints(weighting):
-  weight_fn = functools.partial(weighted_losses.WEIGHTINGS[weighting])
-  if weighting == "sigmoid":
-    weight_fn = functools.partial(weighted_losses.sigmoid_weight, shift=1.0)
-  gamma_0, gamma_1, num = -10.0, 6.0, 20_000
-  grid = np.linspace(gamma_0, gamma_1, 200_001)
-  integrand = 0.5 * np.asarray(weight_fn(-grid), np.float64) * S**2 / (S**2 + np.exp(grid))
-  expected = np.sum(0.5 * (integrand[1:] + integrand[:-1]) * np.diff(grid))
-  for factory in (schedules.fixed_linear, schedules.cosine):
-    gamma_fn = factory(gamma_0, gamma_1)
-    key_x, key_t, key_eps = jax.random.split(_key(), 3)
-    f = S * jax.random.normal(key_x, (num, 1))
-    loss = jax.jit(lambda f, t, e: weighted_losses.weighted_diffusion_loss_from_noise(
-        _optimal_eps, gamma_fn, f, t, e, weight_fn=weight_fn))(f, jax.random.uniform(key_t, (num,)),  # noqa: B023
-                                                               jax.random.normal(key_eps, f.shape))
-    _within_4_se(loss, expected)
-
-
 def test_bad_arguments_raise_value_errors():
   x = np.zeros((2, 2, 2, 1), np.int32)
   with pytest.raises(ValueError, match="num_steps"):
