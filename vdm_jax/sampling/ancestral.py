@@ -3,19 +3,39 @@ r"""Ancestral sampling (VDM, Kingma et al. 2021, eq. 33) and DDPM's Algorithm 2.
 `eps_fn(z_t, gamma_t)` maps z [B, ...] and gamma [B] to eps_hat [B, ...];
 `gamma_fn(t)` maps [B] to [B]. Samplers start from z_1 ~ N(0, I) and return z_0.
 """
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from vdm_jax import gaussian
 from vdm_jax import schedules
 from vdm_jax import weighted_losses
 from vdm_jax.sampling import grid
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey, Shape
 
-VARIANCES = ("posterior", "transition")
+VARIANCES: tuple[str, ...] = ("posterior", "transition")
 
 
-def ancestral_update(z_t, eps_hat, gamma_t, gamma_s, noise, variance):
-  """The ancestral step of `ancestral_step` given eps_hat and the gammas ([B] or scalar)."""
+def ancestral_update(z_t: jax.Array, eps_hat: ArrayLike, gamma_t: ArrayLike, gamma_s: ArrayLike,
+                     noise: ArrayLike, variance: str) -> jax.Array:
+  r"""The ancestral step of `ancestral_step` given eps_hat and the gammas (Kingma et al. 2021).
+
+    z_s = (z_t - sigma_t c eps_hat) / alpha_{t|s} + sqrt(v) noise,
+    c = -expm1(gamma_s - gamma_t),
+    v = c sigma_s^2 (variance="posterior") or c sigma_t^2 (variance="transition").
+
+  Args:
+    z_t: latent at t, [B, ...].
+    eps_hat: eps_fn(z_t, gamma_t), [B, ...].
+    gamma_t, gamma_s: scalar or [B], gamma_s < gamma_t.
+    noise: standard normal, shape of z_t.
+    variance: "posterior" or "transition".
+
+  Returns:
+    z_s, shape of z_t.
+  """
   g_t = gaussian.broadcast_to_data(gamma_t, z_t.ndim)
   g_s = gaussian.broadcast_to_data(gamma_s, z_t.ndim)
   c = -jnp.expm1(g_s - g_t)  # sigma_{t|s}^2 / sigma_t^2
@@ -31,7 +51,8 @@ def _check_variance(variance):
     raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
 
 
-def ancestral_step(eps_fn, gamma_fn, z_t, t, s, noise, *, variance="posterior"):
+def ancestral_step(eps_fn: EpsFn, gamma_fn: GammaFn, z_t: jax.Array, t: ArrayLike,
+                   s: ArrayLike, noise: ArrayLike, *, variance: str = "posterior") -> jax.Array:
   r"""One step of ancestral sampling p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)), s < t.
 
   With c = -expm1(gamma_s - gamma_t) and eps_hat = eps_fn(z_t, gamma_t) (Kingma et al.
@@ -58,8 +79,11 @@ def ancestral_step(eps_fn, gamma_fn, z_t, t, s, noise, *, variance="posterior"):
   return ancestral_update(z_t, eps_fn(z_t, gamma_t), gamma_t, gamma_s, noise, variance)
 
 
-def ancestral_sample(eps_fn, gamma_fn, key, shape, *, num_steps=1000, final_noise=True,
-                     variance="posterior", times=None, x0_steps=None):
+def ancestral_sample(eps_fn: EpsFn, gamma_fn: GammaFn, key: PRNGKey, shape: Shape, *,
+                     num_steps: int = 1000, final_noise: bool = True, variance: str = "posterior",
+                     times: ArrayLike | None = None,
+                     x0_steps: Sequence[int] | ArrayLike | None = None
+                     ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Ancestral sampling z_1 -> z_0 with `ancestral_step` on a time grid.
 
   z_1 ~ N(0, I) uses split(key)[0]; step i draws noise_i = normal(fold_in(k, i))
@@ -110,7 +134,8 @@ def ancestral_sample(eps_fn, gamma_fn, key, shape, *, num_steps=1000, final_nois
   return z if x0_steps is None else (z, keep)
 
 
-def ddpm_sample(eps_fn, gamma_fn, key, shape, *, num_steps, variance="transition"):
+def ddpm_sample(eps_fn: EpsFn, gamma_fn: GammaFn, key: PRNGKey, shape: Shape, *, num_steps: int,
+                variance: str = "transition") -> jax.Array:
   r"""DDPM Algorithm 2 (Ho et al. 2020) as ancestral sampling on the T-step grid.
 
   On the grid t_i = i / T with alpha_bar_i = sigmoid(-gamma(t_i)) and
@@ -119,6 +144,11 @@ def ddpm_sample(eps_fn, gamma_fn, key, shape, *, num_steps, variance="transition
   with sigma_i^2 = beta_i (variance="transition") or beta-tilde_i ("posterior"),
   and no noise on the last step. Use a gamma_fn built from the betas (the
   vdm_jax.schedules bridge) and num_steps = T.
+
+  Args:
+    eps_fn, gamma_fn, key, shape: as in `ancestral_sample`.
+    num_steps: T, the steps of the grid t_i = i / T.
+    variance: "transition" (sigma_i^2 = beta_i, default) or "posterior" (beta-tilde_i).
 
   Returns:
     x_0 latent, float32 of `shape`.

@@ -7,15 +7,20 @@ DDIM = DPM-Solver-1 (Lu et al. 2022), exact for either direction of time:
 """
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from vdm_jax import _numerics
 from vdm_jax import gaussian
 from vdm_jax import schedules
 from vdm_jax.sampling import grid
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey, Shape
 
 
-def ddim_update(z, eps_hat, gamma_cur, gamma_next):
+def ddim_update(z: jax.Array, eps_hat: ArrayLike, gamma_cur: ArrayLike,
+                gamma_next: ArrayLike) -> jax.Array:
   r"""The deterministic DDIM / DPM-Solver-1 step from gamma_cur to gamma_next.
+
+  Song et al. 2021, eq. 12 with eta = 0; Lu et al. 2022, DPM-Solver-1.
 
     z_next = (alpha_next / alpha_cur) z - sigma_next expm1((gamma_cur - gamma_next) / 2) eps_hat
   with alpha_next / alpha_cur = exp((softplus(gamma_cur) - softplus(gamma_next)) / 2).
@@ -34,7 +39,8 @@ def ddim_update(z, eps_hat, gamma_cur, gamma_next):
   return _numerics.alpha_ratio(g_cur, g_next) * z - sigma_next * jnp.expm1(0.5 * (g_cur - g_next)) * eps_hat
 
 
-def ddim_step(z_t, eps_hat, gamma_t, gamma_s, noise, *, eta=0.0):
+def ddim_step(z_t: jax.Array, eps_hat: ArrayLike, gamma_t: ArrayLike, gamma_s: ArrayLike,
+              noise: ArrayLike, *, eta: float | jax.Array = 0.0) -> jax.Array:
   r"""Generalised DDIM step (Song et al. 2021, eq. 12) from t to s < t.
 
     x0_hat = (z_t - sigma_t eps_hat) / alpha_t,  c = -expm1(gamma_s - gamma_t)
@@ -61,7 +67,9 @@ def ddim_step(z_t, eps_hat, gamma_t, gamma_s, noise, *, eta=0.0):
   return z_s + sigma_s * (shrink * eps_hat + jnp.sqrt(var_eta) * noise)
 
 
-def ddim_sample(eps_fn, gamma_fn, key, shape, *, num_steps=50, eta=0.0, times=None):
+def ddim_sample(eps_fn: EpsFn, gamma_fn: GammaFn, key: PRNGKey, shape: Shape, *,
+                num_steps: int = 50, eta: float | jax.Array = 0.0,
+                times: ArrayLike | None = None) -> jax.Array:
   r"""DDIM sampling (Song et al. 2021) on a uniform grid or any subsequence `times`.
 
   eta = 0 is deterministic given z_1 (the DDIM ODE step); eta = 1 equals

@@ -1,12 +1,17 @@
 """The last step of every sampler: latent z_0 -> integer data (VDM categorical decoder)."""
+import jax
+
 from vdm_jax import decoders
 from vdm_jax.sampling import grid
+from vdm_jax.typing import GammaFn, PRNGKey
 
 
-def to_data(z_0, gamma_fn, *, key=None, vocab_size=256):
+def to_data(z_0: jax.Array, gamma_fn: GammaFn, *, key: PRNGKey | None = None,
+            vocab_size: int = 256) -> jax.Array:
   r"""Final decoding of a sampled z_0 to integers with the VDM categorical decoder.
 
-  x = argmax_v p(x = v | z_0) (key None, the reference's generate_x) or a sample.
+  x = argmax_v p(x = v | z_0) (key None, the reference's generate_x) or a sample
+  (Kingma et al. 2021; see vdm_jax.decoders.categorical_logprobs).
 
   Args:
     z_0: [B, H, W, C] latent at t = 0.

@@ -7,13 +7,16 @@ z [B, ...] and gamma [B] to eps_hat [B, ...]; `gamma_fn(t)` maps [B] to [B].
 """
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from vdm_jax import gaussian
 from vdm_jax.sampling import grid
 from vdm_jax.sampling import ode
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey
 
 
-def ddim_encode(eps_fn, gamma_fn, z, *, t_start=0.0, t_end=1.0, num_steps=50, solver="euler"):
+def ddim_encode(eps_fn: EpsFn, gamma_fn: GammaFn, z: ArrayLike, *, t_start: float = 0.0,
+                t_end: float = 1.0, num_steps: int = 50, solver: str = "euler") -> jax.Array:
   r"""Deterministic DDIM encoder: integrates the probability-flow ODE upwards, z_{t_start} -> z_{t_end}.
 
   With solver="euler" (DDIM, Song et al. 2021, sec. 4.3) step i uses eps_hat at the
@@ -39,8 +42,24 @@ def ddim_encode(eps_fn, gamma_fn, z, *, t_start=0.0, t_end=1.0, num_steps=50, so
   return ode.ode_solve(eps_fn, gamma_fn, z, times, solver=solver)
 
 
-def ddim_decode(eps_fn, gamma_fn, z, *, t_start=1.0, t_end=0.0, num_steps=50, solver="euler"):
-  """Deterministic DDIM decoder (eta = 0) from z at t_start down to t_end; inverse of `ddim_encode`."""
+def ddim_decode(eps_fn: EpsFn, gamma_fn: GammaFn, z: ArrayLike, *, t_start: float = 1.0,
+                t_end: float = 0.0, num_steps: int = 50, solver: str = "euler") -> jax.Array:
+  """Deterministic DDIM decoder (eta = 0) from z at t_start down to t_end; inverse of `ddim_encode`.
+
+  z <- ddim_update(z, eps_fn(z, gamma_i), gamma_i, gamma_{i+1}) on the uniform grid from t_start
+  to t_end with solver="euler" (DDIM, Song et al. 2021, sec. 4.3), or one of the second-order
+  solvers of vdm_jax.sampling.ode.
+
+  Args:
+    eps_fn, gamma_fn: as in `ddim_sample`.
+    z: latent at t_start, [B, ...].
+    t_start > t_end: times in [0, 1].
+    num_steps: N intervals.
+    solver: "euler" (DDIM), "dpm_solver_2m" or "heun".
+
+  Returns:
+    z at t_end, shape of z.
+  """
   if not 0.0 <= t_end < t_start <= 1.0:
     raise ValueError(f"ddim_decode needs 0 <= t_end < t_start <= 1, got {t_start}, {t_end}")
   times = grid.time_grid(num_steps, t_start=t_start, t_end=t_end)
@@ -61,7 +80,8 @@ def _check_t(t):
     raise ValueError(f"t must be in (0, 1], got {t!r}")
 
 
-def reconstruct(eps_fn, gamma_fn, f, *, t, num_steps=50, key=None):
+def reconstruct(eps_fn: EpsFn, gamma_fn: GammaFn, f: ArrayLike, *, t: float, num_steps: int = 50,
+                key: PRNGKey | None = None) -> jax.Array:
   r"""Encodes images to time t and decodes them back with DDIM (eta = 0).
 
   Encoder: with `key`, the stochastic one z_t = alpha_t f + sigma_t eps,
@@ -85,10 +105,10 @@ def reconstruct(eps_fn, gamma_fn, f, *, t, num_steps=50, key=None):
   return ddim_decode(eps_fn, gamma_fn, z_t, t_start=t, num_steps=num_steps)
 
 
-def slerp(z_a, z_b, lam):
+def slerp(z_a: jax.Array, z_b: jax.Array, lam: ArrayLike) -> jax.Array:
   r"""Spherical interpolation sin((1 - l) theta) / sin(theta) z_a + sin(l theta) / sin(theta) z_b.
 
-  theta is the angle between the flattened z_a and z_b; l = 0 and 1 return
+  theta is the angle between the flattened z_a and z_b (Shoemake 1985); l = 0 and 1 return
   z_a and z_b exactly; falls back to linear interpolation when theta ~ 0.
 
   Args:
@@ -108,7 +128,9 @@ def slerp(z_a, z_b, lam):
   return w_a * z_a + w_b * z_b
 
 
-def interpolate(eps_fn, gamma_fn, f_a, f_b, lambdas, *, t=0.8, num_steps=50, key=None):
+def interpolate(eps_fn: EpsFn, gamma_fn: GammaFn, f_a: ArrayLike, f_b: ArrayLike,
+                lambdas: ArrayLike, *, t: float = 0.8, num_steps: int = 50,
+                key: PRNGKey | None = None) -> jax.Array:
   r"""Interpolates two images through their latents at time t (DDIM paper, sec. 5.4).
 
   Both images are encoded to z_t as in `reconstruct` (stochastic encoder with

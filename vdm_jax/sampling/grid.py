@@ -6,11 +6,13 @@ uniform, t_i = (N - i) / N, from the prior (t = 1) to the data (t = 0).
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from vdm_jax import _numerics
+from vdm_jax.typing import GammaFn, Shape
 
 
-def check_shape(shape) -> tuple[int, ...]:
+def check_shape(shape: Shape) -> tuple[int, ...]:
   """Returns `shape` as a tuple of positive ints with a leading batch axis, else raises ValueError."""
   try:
     shape = tuple(int(d) for d in shape)
@@ -21,7 +23,7 @@ def check_shape(shape) -> tuple[int, ...]:
   return shape
 
 
-def check_num_steps(num_steps) -> int:
+def check_num_steps(num_steps: int) -> int:
   """Returns num_steps if it is an int >= 1, else raises ValueError."""
   if not _numerics.is_int(num_steps) or num_steps < 1:
     raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -47,7 +49,7 @@ def time_grid(num_steps: int, *, t_start: float = 1.0, t_end: float = 0.0) -> ja
   return t_end + (t_start - t_end) * frac
 
 
-def check_times(times: jax.typing.ArrayLike) -> jax.Array:
+def check_times(times: ArrayLike) -> jax.Array:
   """Validates a 1-D grid of >= 2 times in [0, 1], strictly monotone when concrete; returns float32."""
   times = jnp.asarray(times, jnp.float32)
   if times.ndim != 1 or times.shape[0] < 2:
@@ -62,11 +64,11 @@ def check_times(times: jax.typing.ArrayLike) -> jax.Array:
   return times
 
 
-def grid_or_default(num_steps: int, times) -> jax.Array:
+def grid_or_default(num_steps: int, times: ArrayLike | None) -> jax.Array:
   """`times` checked, or the uniform grid of num_steps intervals from 1 to 0 when times is None."""
   return time_grid(num_steps) if times is None else check_times(times)
 
 
-def gamma_at(gamma_fn, t, batch: int) -> jax.Array:
+def gamma_at(gamma_fn: GammaFn, t: ArrayLike, batch: int) -> jax.Array:
   """gamma_fn evaluated at the scalar time t as a [batch] vector (the network's gamma input)."""
   return jnp.reshape(gamma_fn(jnp.full((batch,), t, jnp.float32)), (batch,))

@@ -1,9 +1,13 @@
 r"""Classifier-free guidance (Ho & Salimans 2022): a conditional eps_fn -> a guided one."""
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from vdm_jax.typing import CondEpsFn, EpsFn
 
 
-def classifier_free_guidance(cond_eps_fn, labels, null_label, weight):
+def classifier_free_guidance(cond_eps_fn: CondEpsFn, labels: ArrayLike, null_label: int,
+                             weight: float | jax.Array) -> EpsFn:
   r"""Wraps a conditional noise model into a guided eps_fn (Ho & Salimans 2022).
 
     eps_guided(z, gamma) = (1 + w) eps(z, gamma, c) - w eps(z, gamma, null)
@@ -27,7 +31,7 @@ def classifier_free_guidance(cond_eps_fn, labels, null_label, weight):
     raise ValueError(f"guidance weight must be >= 0, got {weight!r}")
   null = jnp.full_like(labels, null_label)
 
-  def eps_fn(z_t, gamma_t):
+  def eps_fn(z_t: jax.Array, gamma_t: ArrayLike) -> jax.Array:
     batch = z_t.shape[0]
     if batch != labels.shape[0]:
       raise ValueError(f"z_t has batch {batch} but {labels.shape[0]} labels were bound")

@@ -18,14 +18,16 @@ eps_hat [B, ...]; `gamma_fn(t)` maps [B] to [B].
 """
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from vdm_jax import gaussian
 from vdm_jax import schedules
 from vdm_jax import weighted_losses
 from vdm_jax.sampling import ddim
 from vdm_jax.sampling import grid
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey, Shape
 
-SOLVERS = ("dpm_solver_2m", "heun", "euler")
+SOLVERS: tuple[str, ...] = ("dpm_solver_2m", "heun", "euler")
 
 
 def _dpm_solver_2m_update(z, x0, x0_prev, h_prev, gamma_cur, gamma_next, first):
@@ -47,7 +49,8 @@ def _dpm_solver_2m_update(z, x0, x0_prev, h_prev, gamma_cur, gamma_next, first):
   return sigma_ratio * z - alpha_next * jnp.expm1(-h) * d, h
 
 
-def ode_solve(eps_fn, gamma_fn, z, times, *, solver="dpm_solver_2m"):
+def ode_solve(eps_fn: EpsFn, gamma_fn: GammaFn, z: ArrayLike, times: ArrayLike, *,
+              solver: str = "dpm_solver_2m") -> jax.Array:
   r"""Integrates the probability-flow ODE from times[0] to times[-1].
 
   Solvers (network evaluations per interval in brackets):
@@ -101,7 +104,8 @@ def ode_solve(eps_fn, gamma_fn, z, times, *, solver="dpm_solver_2m"):
   return jax.lax.fori_loop(0, num_steps, body, z)
 
 
-def ode_sample(eps_fn, gamma_fn, key, shape, *, num_steps=25, solver="dpm_solver_2m", times=None):
+def ode_sample(eps_fn: EpsFn, gamma_fn: GammaFn, key: PRNGKey, shape: Shape, *, num_steps: int = 25,
+               solver: str = "dpm_solver_2m", times: ArrayLike | None = None) -> jax.Array:
   r"""Samples z_0 by solving the probability-flow ODE from z_1 ~ N(0, I).
 
   See `ode_solve` for the solvers; "heun" costs 2 * num_steps network calls.

@@ -7,6 +7,7 @@ from vdm_jax import gaussian
 from vdm_jax import schedules
 from vdm_jax.sampling import ancestral
 from vdm_jax.sampling import grid
+from vdm_jax.typing import EpsFn, GammaFn, PRNGKey, Shape
 
 
 def _langevin(eps_fn, z, gamma, key, num_corrector_steps, snr):
@@ -29,8 +30,9 @@ def _langevin(eps_fn, z, gamma, key, num_corrector_steps, snr):
   return jax.lax.fori_loop(0, num_corrector_steps, body, z)
 
 
-def pc_sample(eps_fn, gamma_fn, key, shape, *, num_steps=1000, corrector_steps=1, snr=0.16,
-              predictor="ancestral"):
+def pc_sample(eps_fn: EpsFn, gamma_fn: GammaFn, key: PRNGKey, shape: Shape, *,
+              num_steps: int = 1000, corrector_steps: int = 1, snr: float = 0.16,
+              predictor: str = "ancestral") -> jax.Array:
   r"""Predictor-corrector sampling (Song et al. 2021, Alg. 1 / 3 / 5).
 
   Each step i: the predictor moves t -> s (an `ancestral_step`, or nothing when
