@@ -39,16 +39,39 @@ def test_every_example_is_counted_once_and_the_mean_is_over_examples():
   result = namespace["run"](5)  # batches of 5, 5, 3
   assert result["num_examples"] == 13
   # Recompute each example's K = 3 loss samples directly with its key fold_in(key, n).
-  direct = []
+  direct = {"bpd": [], "prior": [], "reconstruction": [], "diffusion": []}
   for n, image in enumerate(namespace["IMAGES"]):
-    loss, _ = namespace["LOSS_FN"](None, {"image": jnp.broadcast_to(image, (3,) + image.shape)},
-                                   jax.random.fold_in(jax.random.PRNGKey(11), n))
-    direct.append(float(jnp.mean(loss)))
-  expected = np.mean(direct) / (4 * 4 * 3 * math.log(2))
-  np.testing.assert_allclose(result["bpd"], expected, rtol=1e-5)
-  np.testing.assert_allclose(result["prior"] + result["reconstruction"] + result["diffusion"], result["bpd"],
-                             rtol=1e-6)
+    loss, terms = namespace["LOSS_FN"](None, {"image": jnp.broadcast_to(image, (3,) + image.shape)},
+                                       jax.random.fold_in(jax.random.PRNGKey(11), n))
+    for name, value in {"bpd": loss, **terms}.items():
+      direct[name].append(float(jnp.mean(value)))
+  # Each term averaged on its own, like the total. float32: a term is a sum of 48 per-dim
+  # values whose rounding (vmapped here, batched there) is ~1e-6 of the total bits/dim.
+  for name, values in direct.items():
+    np.testing.assert_allclose(result[name], np.mean(values) / (4 * 4 * 3 * math.log(2)),
+                               rtol=1e-5, atol=1e-6 * result["bpd"], err_msg=name)
   assert 0 < result["bpd_stderr"] < result["bpd"]
+
+
+def test_bpd_stderr_is_the_sample_std_over_sqrt_n_for_losses_of_known_spread():
+  """A "loss" equal to each example's first pixel: the per-example values are known, so the
+  standard error of the mean is std(values, ddof=1) / sqrt(N), in bits/dim."""
+  values = np.random.default_rng(1608).integers(0, 200, 13)
+  images = np.zeros((13, 2, 2, 1), np.uint8)
+  images[:, 0, 0, 0] = values
+
+  def loss_fn(params, batch, key):
+    del params, key
+    loss = batch["image"][:, 0, 0, 0].astype(jnp.float32)
+    return loss, {"value": loss}
+
+  batches = [{"image": images[i:i + 5]} for i in range(0, 13, 5)]  # 5, 5, 3: padding masked
+  result = likelihood.evaluate_bpd(loss_fn, batches, jax.random.PRNGKey(0), num_time_samples=2)
+  to_bpd = 1.0 / (4 * math.log(2))
+  np.testing.assert_allclose(result["bpd"], values.mean() * to_bpd, rtol=1e-6)
+  # float64 sums of float32 integers: exact up to the final divisions, 1e-6 relative.
+  np.testing.assert_allclose(result["bpd_stderr"], values.std(ddof=1) / np.sqrt(13) * to_bpd,
+                             rtol=1e-6)
 
 
 def test_bpd_does_not_depend_on_the_batch_size():
