@@ -1,98 +1,229 @@
-r"""Training throughput: median step time and images/s of the real sharded train step.
+r"""Compile time, memory, step time, FLOP utilisation and loop overhead of every config.
 
-Random integer images, the config's model and optimizer (AdamW + EMA), after
-`--warmup` un-timed steps; each timed step waits for its result. Prints one
-JSON line and appends it to benchmarks/results/train_throughput.jsonl.
+For each config in configs/ (and the reference fixture's tiny model) a fresh
+subprocess measures, at a per-config batch size that fits this CPU:
+  * net_compile_s / net_step_ms: the bare network's forward + backward
+    (jit(grad) of sum(eps_hat^2) over the parameters, dropout on), lower + compile
+    seconds and median time;
+  * step_compile_s / step_ms: the whole train step (loss, gradient, non-finite
+    guard, AdamW, EMA), lower + compile seconds and median time, images/s;
+  * step_over_net: step_ms / net_step_ms (the reference code measures 1.11 here);
+  * compile_ratio: step_compile_s / net_compile_s;
+  * gflop_per_step, tflops_per_device and MFU (against the device's bf16 peak from
+    vdm_jax.train.performance; "n/a" on CPU);
+  * peak_rss_gb (the subprocess's peak resident memory) and the device's
+    peak_bytes_in_use where the backend reports memory_stats() (GPU/TPU);
+  * with --loop (default for digits and the fixture model): steps/s of the real
+    training loop (train_and_evaluate, logged train/steps_per_sec) against the bare
+    jitted step dispatched back to back, loop_over_bare.
+Results print as a table and append as JSON lines (device, jax version, load average)
+to benchmarks/results/train_throughput.jsonl. Runs unchanged on GPU/TPU.
 
-  python benchmarks/train_throughput.py --config=configs/cifar10.py --batch_size=8
-  python benchmarks/train_throughput.py --config=configs/cifar10.py --batch_size=64 \
-      --preset=tiny_reference      # the reference fixture's 8x8x3 model
-  python benchmarks/train_throughput.py --config=configs/cifar10.py --dtype=bfloat16
+  python benchmarks/train_throughput.py                        # every config
+  python benchmarks/train_throughput.py --only=cifar10,digits  # some
 """
+import argparse
 import datetime
 import json
 import os
 import pathlib
+import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 
-from absl import app
-from absl import flags
-import jax
-import numpy as np
-from ml_collections import config_flags
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vdm_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "cifar10.py"),
-                                          "Config file.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Un-timed steps first (compilation included).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_PRESET = flags.DEFINE_enum("preset", "none", ["none", "tiny_reference"],
-                            "tiny_reference: 8x8x3, n_embd 32, n_layer 2, attention, Fourier "
-                            "features, learned linear gamma (the reference fixture's model).")
-_NO_EMA = flags.DEFINE_bool("no_ema", False, "Skip the EMA update (ema_decay = 0).")
-_OUT = flags.DEFINE_string("out", str(ROOT / "benchmarks" / "results" / "train_throughput.jsonl"),
-                           "JSON-lines file to append to ('' = do not write).")
+RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
+# name -> (batch size, timed steps, measure the real loop) on a 2-core CPU.
+PLAN = {
+    "fixture_tiny": (64, 20, True), "digits": (32, 30, True), "digits_cond": (32, 30, False),
+    "mnist": (16, 5, False), "fashion_mnist": (16, 5, False), "image_folder": (8, 3, False),
+    "cifar10": (8, 3, False), "imagenet32": (4, 3, False), "imagenet64": (2, 3, False),
+}
 
 
-def _configure():
-  config = _CONFIG.value
-  if _PRESET.value == "tiny_reference":
+def _config(name, batch_size):
+  """The config of `name` (configs/<name>.py, or the fixture's tiny model) at batch_size."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  if name == "fixture_tiny":  # tests/fixtures/vdm_reference: 8x8x3, 32 x 2 blocks, attention
+    config = importlib.import_module("configs.cifar10").get_config()
     m = config.model
-    m.image_shape, m.n_embd, m.n_layer = (8, 8, 3), 32, 2
-    m.with_attention, m.with_fourier_features, m.schedule = True, True, "learned_linear"
-    m.dropout = 0.0
-  config.model.dtype = _DTYPE.value
-  config.training.batch_size = _BATCH.value
-  if _NO_EMA.value:
-    config.optimizer.ema_decay = 0.0
+    m.image_shape, m.n_embd, m.n_layer, m.with_attention, m.dropout = (8, 8, 3), 32, 2, True, 0.0
+  else:
+    config = importlib.import_module(f"configs.{name}").get_config()
+  config.training.batch_size = config.eval.batch_size = batch_size
   return config
 
 
-def main(argv):
-  del argv
-  config = _configure()
+def _median_ms(fn, steps):
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return 1e3 * sorted(times)[len(times) // 2]
+
+
+def _network(setup, params, batch_size):
+  """(lower + compile s, median ms) of jit(grad) of the bare network, dropout on."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model, labels = setup.model, None
+  if setup.conditional:
+    labels = jnp.zeros((batch_size,), jnp.int32)
+
+  def loss(params, z, gamma, key):
+    eps_hat = model.network.apply({"params": params["score_model"]}, z, gamma, None, labels,
+                                  train=True, rngs={"dropout": key})
+    return jnp.sum(jnp.square(eps_hat.astype(jnp.float32)))
+
+  args = (params, jnp.ones((batch_size, *setup.image_shape)), jnp.zeros((batch_size,)),
+          jax.random.PRNGKey(0))
+  start = time.perf_counter()
+  compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))
+  return compile_s, compiled, args
+
+
+def measure(name, batch_size, steps, loop):
+  """One config's figures (runs inside its own subprocess)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top
+  from vdm_jax.train import performance  # pylint: disable=g-import-not-at-top
+  config = _config(name, batch_size)
   setup = train.Setup(config)
   state = setup.init_state()
+  net_compile_s, net, net_args = _network(setup, state.params, batch_size)
+  net_ms = _median_ms(lambda: jax.block_until_ready(net(*net_args)), steps)
+  start = time.perf_counter()
+  step, flops = setup.compiled_train_step()
+  step_compile_s = time.perf_counter() - start
   rng = np.random.default_rng(0)
-  shape = (_BATCH.value // jax.process_count(), *setup.image_shape)
   batch = setup.global_batch({
-      "image": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-      "label": rng.integers(0, max(1, config.model.num_classes), shape[:1], dtype=np.int32)})
-  times = []
-  for i in range(_WARMUP.value + _STEPS.value):
-    start = time.perf_counter()
-    state, metrics = setup.train_step(state, batch)
+      "image": rng.integers(0, config.model.vocab_size, (batch_size, *setup.image_shape),
+                            dtype=np.int32),
+      "label": rng.integers(0, max(1, config.model.num_classes), (batch_size,), dtype=np.int32)})
+  state, _ = step(state, batch)  # donated: keep the newest state
+
+  def one_step():
+    nonlocal state
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    if i >= _WARMUP.value:
-      times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
+  step_ms = _median_ms(one_step, steps)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  bare_steps_per_s = steps / (time.perf_counter() - start)
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = performance.peak_flops()
+  achieved = flops / (step_ms / 1e3) if flops else None
   result = {
-      "benchmark": "train_throughput",
-      "config": os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), ROOT),
-      "preset": _PRESET.value, "batch_size": _BATCH.value, "dtype": _DTYPE.value,
-      "ema": not _NO_EMA.value, "median_step_ms": round(step_s * 1e3, 2),
-      "img_per_s": round(_BATCH.value / step_s, 2), "steps": _STEPS.value,
-      "warmup": _WARMUP.value,
+      "config": name, "batch_size": batch_size, "timed_steps": steps,
       "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-      "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-      "num_devices": jax.device_count(), "jax_version": jax.__version__,
-      "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "net_compile_s": round(net_compile_s, 1), "step_compile_s": round(step_compile_s, 1),
+      "compile_ratio": round(step_compile_s / net_compile_s, 2),
+      "net_step_ms": round(net_ms, 1), "step_ms": round(step_ms, 1),
+      "step_over_net": round(step_ms / net_ms, 3),
+      "img_per_s": round(batch_size / (step_ms / 1e3), 2),
+      "gflop_per_step": round(flops / 1e9, 1) if flops else None,
+      "tflops_per_device": round(achieved / 1e12, 4) if achieved else None,
+      "mfu": round(achieved / peak, 4) if (achieved and peak) else "n/a",
+      "bare_steps_per_s": round(bare_steps_per_s, 2),
+      "device_peak_gb": round(stats["peak_bytes_in_use"] / 2**30, 2)
+      if "peak_bytes_in_use" in stats else None,
   }
-  line = json.dumps(result)
-  print(line)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-    with open(_OUT.value, "a") as f:
-      f.write(line + "\n")
+  if loop:
+    result.update(_loop_rate(config, steps))
+    result["loop_over_bare"] = round(result["loop_steps_per_s"] / bare_steps_per_s, 3)
+  result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+  return result
+
+
+def _loop_rate(config, steps):
+  """Median train/steps_per_sec of the real loop (train_and_evaluate), warm intervals only."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top
+  t = config.training
+  with tempfile.TemporaryDirectory() as workdir:
+    if config.data.dataset != "digits":  # random images of the config's shape
+      rng = np.random.default_rng(0)
+      shape = (max(256, 4 * t.batch_size), *config.model.image_shape)
+      np.savez(os.path.join(workdir, "data.npz"),
+               image=rng.integers(0, config.model.vocab_size, shape, dtype=np.int32))
+      config.data.dataset, config.data.path = "npz", os.path.join(workdir, "data.npz")
+    t.log_every = max(steps, 10)
+    t.num_steps = 6 * t.log_every
+    t.eval_every, t.checkpoint_every = 0, t.num_steps
+    config.eval.num_examples, config.eval.num_time_samples = t.batch_size, 1
+    config.sample.num_images, config.sample.num_steps = 1, 2
+    rates = []
+    train.train_and_evaluate(config, os.path.join(workdir, "run"), on_metrics=lambda step, m: (
+        rates.append(m["train/steps_per_sec"]) if "train/steps_per_sec" in m else None))
+  warm = sorted(rates[1:-1])  # the first interval holds the data warm-up, the last the save
+  return {"loop_steps_per_s": round(warm[len(warm) // 2], 2), "loop_intervals": len(warm)}
+
+
+def _machine():
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name"))
+  except (OSError, StopIteration):
+    model = platform.processor()
+  return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+          "num_devices": jax.device_count(), "cpu": model, "cpu_count": os.cpu_count(),
+          "jax_version": jax.__version__, "load_avg_1m": round(os.getloadavg()[0], 2),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+COLUMNS = ("config", "batch_size", "net_compile_s", "step_compile_s", "compile_ratio",
+           "net_step_ms", "step_ms", "step_over_net", "img_per_s", "gflop_per_step",
+           "tflops_per_device", "mfu", "peak_rss_gb", "device_peak_gb", "loop_over_bare")
+
+
+def _print_table(rows):
+  print(" | ".join(COLUMNS))
+  for row in rows:
+    print(" | ".join(str(row.get(column, "")) for column in COLUMNS))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default="", help="comma-separated config names (default: all)")
+  parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # the subprocess's config
+  parser.add_argument("--out", default=str(RESULTS), help="JSON-lines file ('' = none)")
+  args = parser.parse_args()
+  if args.one:
+    batch_size, steps, loop = PLAN[args.one]
+    print("RESULT " + json.dumps(measure(args.one, batch_size, steps, loop)), flush=True)
+    return
+  names = args.only.split(",") if args.only else list(PLAN)
+  unknown = sorted(set(names) - set(PLAN))
+  if unknown:
+    sys.exit(f"unknown config(s) {unknown}; known: {', '.join(PLAN)}")
+  rows = []
+  for name in names:
+    print(f"measuring {name} (batch {PLAN[name][0]}) ...", flush=True)
+    proc = subprocess.run([sys.executable, __file__, f"--one={name}"], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+      print(proc.stderr[-2000:])
+      sys.exit(f"{name} failed (exit {proc.returncode})")
+    row = {**json.loads(lines[-1][len("RESULT "):]), **_machine()}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+      with open(args.out, "a") as f:
+        f.write(json.dumps({"benchmark": "train_throughput", **row}) + "\n")
+  _print_table(rows)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

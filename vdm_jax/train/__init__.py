@@ -2,6 +2,7 @@
 
   config = vdm_jax.train.default_config()          # or configs/<name>.get_config()
   metrics = vdm_jax.train.train_and_evaluate(config, workdir)
+  setup, step, state = vdm_jax.train.restore(config, workdir)   # the trained state
   vdm_jax.train.evaluate(config, workdir)          # test bits/dim of a checkpoint
   vdm_jax.train.sample(config, workdir)            # sample grids, .npy, GIF
 
@@ -17,6 +18,7 @@ from vdm_jax.train.errors import CheckpointError
 from vdm_jax.train.errors import ConfigError
 from vdm_jax.train.errors import TrainingError
 from vdm_jax.train.inference import evaluate
+from vdm_jax.train.inference import restore
 from vdm_jax.train.inference import sample
 from vdm_jax.train.loop import train_and_evaluate
 from vdm_jax.train.setup import Setup
@@ -30,6 +32,7 @@ __all__ = [
     "default_config",
     "evaluate",
     "get_setup",
+    "restore",
     "sample",
     "train_and_evaluate",
     "validate_config",

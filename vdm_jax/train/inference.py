@@ -27,12 +27,19 @@ _SAMPLERS = {"ancestral": sampling.ancestral_sample, "ddim": sampling.ddim_sampl
              "ode": sampling.ode_sample}
 
 
+def restore(config: ml_collections.ConfigDict, workdir: str, *, step: int = -1):
+  """(setup, step, TrainState) of a trained run: its Setup and checkpoint `step` (-1: newest)."""
+  config_lib.validate_config(config, workdir)
+  setup = setup_lib.get_setup(config)
+  step, state = restore_for_inference(setup, workdir, step)
+  return setup, step, state
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Test bits/dim of the EMA params of the newest (or eval.checkpoint_step) checkpoint."""
   config_lib.validate_config(config, workdir)
   source = data.load_sources(config, ("test",))["test"]
-  setup = setup_lib.get_setup(config)
-  step, state = restore_for_inference(setup, workdir, config.eval.checkpoint_step)
+  setup, step, state = restore(config, workdir, step=config.eval.checkpoint_step)
   metrics = setup.evaluate_params(state.ema_params, source)
   logging.info("step %d: test bits/dim %.6f (%s)", step, metrics["bpd"], metrics)
   return {"step": step, **metrics}
@@ -40,9 +47,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes config.sample.num_images samples (PNG grid, .npy, optional GIF) under workdir/samples."""
-  config_lib.validate_config(config, workdir)
-  setup = setup_lib.get_setup(config)
-  step, state = restore_for_inference(setup, workdir, config.sample.checkpoint_step)
+  setup, step, state = restore(config, workdir, step=config.sample.checkpoint_step)
   return write_samples(setup, state.ema_params, step, workdir, gif=config.sample.gif)
 
 
