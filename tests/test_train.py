@@ -69,18 +69,44 @@ def test_gradient_accumulation_equals_one_update_with_the_mean_gradient():
   np.testing.assert_allclose(u2["w"], expected["w"], rtol=1e-6)
 
 
-def test_global_norm_clipping_bounds_the_first_adam_input():
-  rng = np.random.default_rng()
-  params = {"w": jnp.zeros(4)}
-  grads = {"w": jnp.asarray(rng.normal(size=4) * 100, jnp.float32)}
-  tx = step_lib.make_optimizer(schedule=optax.constant_schedule(1.0), b1=0.0, b2=0.0,
-                                  eps=0.0, weight_decay=0.0, grad_clip_norm=1.0)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  # With b1 = b2 = 0 Adam returns -sign(g); clipping keeps signs: a weak check of the chain,
-  np.testing.assert_allclose(updates["w"], -np.sign(grads["w"]), rtol=1e-5)
-  clip = optax.clip_by_global_norm(1.0)
-  clipped, _ = clip.update(grads, clip.init(params))
-  np.testing.assert_allclose(optax.tree.norm(clipped), 1.0, rtol=1e-5)
+def _adam_updates(grads, *, lr, b1, b2, eps, clip):
+  """Adam (Kingma & Ba 2015, Alg. 1) on globally clipped gradients, float64:
+  g <- g min(1, clip / ||g||); m, v moments; update = -lr m_hat / (sqrt(v_hat) + eps)."""
+  m = v = 0.0
+  updates = []
+  for n, g in enumerate(grads, start=1):
+    g = np.asarray(g, np.float64)
+    if clip > 0:
+      g = g * min(1.0, clip / np.linalg.norm(g))
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    updates.append(-lr * (m / (1 - b1**n)) / (np.sqrt(v / (1 - b2**n)) + eps))
+  return updates
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_global_norm_clipping_rescales_a_large_gradient_before_adam(clip):
+  """A gradient of norm ~40 then one of norm 0.5 under a limit of 1: clipping shrinks the
+  first 40x, which changes Adam's second update (its moments mix both gradients) by far more
+  than float32 noise; the second gradient is below the limit and passes unchanged."""
+  rng = np.random.default_rng(1601)
+  g1 = rng.normal(size=(2, 3)) * 16.0
+  g2 = rng.normal(size=(2, 3))
+  g2 *= 0.5 / np.linalg.norm(g2)
+  hyper = dict(lr=0.1, b1=0.9, b2=0.99, eps=1e-8)
+  tx = step_lib.make_optimizer(schedule=optax.constant_schedule(hyper["lr"]), b1=hyper["b1"],
+                               b2=hyper["b2"], eps=hyper["eps"], weight_decay=0.0,
+                               grad_clip_norm=clip)
+  params = {"w": jnp.zeros((2, 3))}
+  state = tx.init(params)
+  got = []
+  for g in (g1, g2):
+    update, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    got.append(np.asarray(update["w"]))
+  expected = _adam_updates([g1.astype(np.float32), g2.astype(np.float32)], clip=clip, **hyper)
+  assert np.linalg.norm(g1) > 10 * max(clip, 1.0)
+  # float32: moments and square roots of a few ops each, ~1e-6 relative.
+  np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], expected[1], rtol=1e-5)
 
 
 def test_ema_update_is_the_convex_combination():
