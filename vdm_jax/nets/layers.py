@@ -9,11 +9,12 @@ swish, the 1x1 shortcut, the conditioning MLP and the residual stream stay
 float32, which keeps eps_hat within about 1e-2 relative of float32.
 """
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 Dtype = Any
 
@@ -21,8 +22,13 @@ Dtype = Any
 NUM_GROUPS = 32
 
 
-def check_inputs(z, g_t, conditioning, labels, num_classes):
-  """Shape checks shared by all networks; raises ValueError naming expected and given."""
+def check_inputs(z: jax.Array, g_t: ArrayLike, conditioning: ArrayLike | None,
+                 labels: ArrayLike | None, num_classes: int) -> None:
+  """Shape checks shared by all networks; raises ValueError naming expected and given.
+
+  Expects z [B, H, W, C], g_t scalar or [B], conditioning [B] or None, labels [B] or None
+  (labels only when num_classes > 0).
+  """
   if z.ndim != 4:
     raise ValueError(f"z must have rank 4 [B, H, W, C], given shape {z.shape}")
   batch = z.shape[0]
@@ -38,7 +44,7 @@ def check_inputs(z, g_t, conditioning, labels, num_classes):
       raise ValueError(f"labels must have shape ({batch},), given {jnp.shape(labels)}")
 
 
-def timestep_embedding(tau, dim):
+def timestep_embedding(tau: jax.Array, dim: int) -> jax.Array:
   r"""Sinusoidal embedding of a normalised noise level (Vaswani et al. 2017).
 
   With u = 1000 tau and h = dim / 2 frequencies
@@ -68,7 +74,7 @@ def timestep_embedding(tau, dim):
   return emb
 
 
-def fourier_features(z, *, exponents=(6, 7)):
+def fourier_features(z: jax.Array, *, exponents: Sequence[int] = (6, 7)) -> jax.Array:
   r"""Base-2 Fourier features of the latent (VDM paper, appendix B).
 
   For each n in `exponents`, w_n = 2 pi 2^n; each channel c gives the features
@@ -93,7 +99,7 @@ def fourier_features(z, *, exponents=(6, 7)):
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
-def normalise_gamma(g_t, batch, gamma_min, gamma_max):
+def normalise_gamma(g_t: ArrayLike, batch: int, gamma_min: float, gamma_max: float) -> jax.Array:
   r"""Maps gamma_t to tau = (gamma_t - gamma_min) / (gamma_max - gamma_min), shape [B].
 
   Args:
@@ -111,8 +117,9 @@ def normalise_gamma(g_t, batch, gamma_min, gamma_max):
   return jnp.broadcast_to(tau, (batch,))
 
 
-def conditioning_vector(g_t, conditioning, labels, *, batch, n_embd, gamma_min, gamma_max,
-                        num_classes=0):
+def conditioning_vector(g_t: ArrayLike, conditioning: ArrayLike | None, labels: ArrayLike | None, *,
+                        batch: int, n_embd: int, gamma_min: float, gamma_max: float,
+                        num_classes: int = 0) -> jax.Array:
   r"""Conditioning vector from gamma_t, a conditioning scalar and optional labels.
 
   Call inside a compact `__call__`: it creates the parent's submodules
@@ -165,7 +172,11 @@ class ResnetBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cond, train):
+  def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
+    """x + branch(x, cond) for x [B, H, W, C_in] and cond [B, E]; [B, H, W, out_ch].
+
+    train enables dropout (needs the 'dropout' rng). Kingma et al. 2021 (reference ScoreUNet).
+    """
     c_in = x.shape[-1]
     out_ch = c_in if self.out_ch is None else self.out_ch
     h = nn.swish(nn.GroupNorm(self.num_groups, dtype=jnp.float32, name="GroupNorm_0")(x))
@@ -181,10 +192,10 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
-def attention(q, k, v):
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   r"""Attention over all positions: softmax(q k^T / sqrt(d)) v.
 
-  The softmax is exp(w - logsumexp(w)) over keys, as in the reference.
+  The softmax is exp(w - logsumexp(w)) over keys, as in the reference (Vaswani et al. 2017).
 
   Args:
     q, k, v: [B, N, heads, d].
@@ -208,7 +219,8 @@ class AttnBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x + proj_out(attention(q, k, v)) over the H*W positions of x [B, H, W, C]; [B, H, W, C]."""
     b, hgt, wid, c = x.shape
     h = nn.GroupNorm(self.num_groups, dtype=jnp.float32, name="GroupNorm_0")(x)
     q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hgt * wid, 1, c)

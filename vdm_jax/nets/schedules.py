@@ -10,6 +10,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
 def _constant(value):
@@ -20,7 +21,7 @@ class FixedSchedule(nn.Module):
   """Wraps a parameter-free gamma_fn (e.g. vdm_jax.schedules.fixed_linear) as a module."""
   gamma_fn: Callable
 
-  def __call__(self, t):
+  def __call__(self, t: ArrayLike) -> jax.Array:
     """gamma_fn(t), float32 with the shape of t."""
     t = jnp.asarray(t, jnp.float32)
     return jnp.broadcast_to(jnp.asarray(self.gamma_fn(t), jnp.float32), t.shape)
@@ -35,7 +36,7 @@ class LearnedLinear(nn.Module):
   gamma_max: float = 5.0
 
   @nn.compact
-  def __call__(self, t):
+  def __call__(self, t: ArrayLike) -> jax.Array:
     """gamma(t), float32 with the shape of t."""
     w = self.param("w", _constant(self.gamma_max - self.gamma_min), (1,))
     b = self.param("b", _constant(self.gamma_min), (1,))
@@ -51,7 +52,8 @@ class DenseMonotone(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """y = x |K| + b for x [..., in]; [..., features]."""
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     y = jax.lax.dot_general(x, jnp.abs(kernel), (((x.ndim - 1,), (0,)), ((), ())))
     if self.use_bias:
@@ -82,7 +84,7 @@ class LearnedNNet(nn.Module):
   n_features: int = 1024
 
   @nn.compact
-  def __call__(self, t):
+  def __call__(self, t: ArrayLike) -> jax.Array:
     """gamma(t), float32 with the shape of t."""
     t = jnp.asarray(t, jnp.float32)
     l1 = DenseMonotone(1, kernel_init=_constant(self.gamma_max - self.gamma_min),
@@ -109,18 +111,19 @@ class LearnedMonotone(nn.Module):
   gamma_max: float = 5.0
   n_features: int = 1024
 
-  def setup(self):
+  def setup(self) -> None:
+    """Declares the endpoint leaves w, b (1,) and the shape network l1, l2, l3."""
     self.w = self.param("w", _constant(self.gamma_max - self.gamma_min), (1,))
     self.b = self.param("b", _constant(self.gamma_min), (1,))
     self.l1 = DenseMonotone(1, kernel_init=_constant(1.0), bias_init=nn.initializers.zeros)
     self.l2 = DenseMonotone(self.n_features)
     self.l3 = DenseMonotone(1, use_bias=False)
 
-  def endpoints(self):
-    """(gamma_0, gamma_1), float32 scalars."""
+  def endpoints(self) -> tuple[jax.Array, jax.Array]:
+    """(gamma_0, gamma_1) = (b, b + |w|), float32 scalars."""
     return self.b[0], self.b[0] + jnp.abs(self.w[0])
 
-  def shape(self, t):
+  def shape(self, t: ArrayLike) -> jax.Array:
     r"""The normalised shape (g(t) - g(0)) / (g(1) - g(0)), increasing from 0 to 1; shape of t."""
     t = jnp.asarray(t, jnp.float32)
     ends = jnp.array([[0.0], [1.0]], jnp.float32)
@@ -129,7 +132,7 @@ class LearnedMonotone(nn.Module):
     g_t, g_0, g_1 = g[:-2], g[-2], g[-1]
     return ((g_t - g_0) / (g_1 - g_0)).reshape(t.shape)
 
-  def __call__(self, t):
+  def __call__(self, t: ArrayLike) -> jax.Array:
     """gamma(t), float32 with the shape of t."""
     gamma_0, gamma_1 = self.endpoints()
     return gamma_0 + (gamma_1 - gamma_0) * self.shape(t)
