@@ -6,6 +6,7 @@ Only process 0 writes files.
 """
 import functools
 import os
+from typing import Optional
 
 from absl import logging
 import jax
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from vdm_jax import decoders
+from vdm_jax import reference
 from vdm_jax import sampling
 from vdm_jax.train import artifacts
 from vdm_jax.train import checkpoints
@@ -35,13 +37,38 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, step: int = -1):
   return setup, step, state
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Test bits/dim of the EMA params of the newest (or eval.checkpoint_step) checkpoint."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             checkpoint: Optional[str] = None) -> dict:
+  """Test bits/dim (eval.method: the ELBO or the ODE likelihood) of a checkpoint's EMA params.
+
+  Args:
+    config: the run's ConfigDict.
+    workdir: the run's folder; its newest checkpoint (or eval.checkpoint_step) is used.
+    checkpoint: instead, a google-research/vdm clu checkpoint directory (local or gs://,
+      holding ckpt-N.flax; vdm_jax.reference.load_clu_checkpoint), read with the config's
+      model and validated leaf by leaf.
+
+  Returns:
+    {"step": int (-1 for a clu checkpoint), "bpd", "bpd_stderr", "bpd_<term>", "num_examples"}.
+  """
   config_lib.validate_config(config, workdir)
   source = data.load_sources(config, ("test",))["test"]
-  setup, step, state = restore(config, workdir, step=config.eval.checkpoint_step)
-  metrics = setup.evaluate_params(state.ema_params, source)
-  logging.info("step %d: test bits/dim %.6f (%s)", step, metrics["bpd"], metrics)
+  if checkpoint:
+    setup, step = setup_lib.get_setup(config), -1
+    try:
+      params = reference.load_clu_checkpoint(checkpoint, setup.model)
+    except ValueError as err:  # reference lists every bad leaf, one per line
+      lines = str(err).splitlines()
+      more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+      raise CheckpointError(f"{checkpoint} does not fit the config's model: "
+                            f"{' '.join(lines[:2])}{more}; use the config the checkpoint was "
+                            f"trained with") from None
+  else:
+    setup, step, state = restore(config, workdir, step=config.eval.checkpoint_step)
+    params = state.ema_params
+  metrics = setup.evaluate_params(params, source)
+  logging.info("%s: test bits/dim %.6f (%s)", checkpoint or f"step {step}", metrics["bpd"],
+               metrics)
   return {"step": step, **metrics}
 
 
