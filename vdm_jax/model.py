@@ -17,6 +17,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from vdm_jax import _numerics
 from vdm_jax import decoders
@@ -24,10 +25,13 @@ from vdm_jax import losses
 from vdm_jax import nets
 from vdm_jax import schedules
 from vdm_jax.sampling import guidance
+from vdm_jax.typing import EpsFn, GammaFn, Params, PRNGKey, Terms
 
-NETWORKS = ("score_unet", "unet", "dit")
-SCHEDULES = ("fixed_linear", "learned_linear", "learned_nnet", "learned_monotone", "cosine")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NETWORKS: tuple[str, ...] = ("score_unet", "unet", "dit")
+SCHEDULES: tuple[str, ...] = ("fixed_linear", "learned_linear", "learned_nnet", "learned_monotone",
+                              "cosine")
+DTYPES: dict[str, DTypeLike] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                               "float16": jnp.float16}
 
 
 def _fail(field, expected, given):
@@ -156,7 +160,8 @@ def _concrete_range(a):
 class VDM:
   """A Variational Diffusion Model: pure functions of a parameter dict (see module doc)."""
 
-  def __init__(self, config):
+  def __init__(self, config: ModelConfig) -> None:
+    """Builds the network and schedule modules of `config` (no parameters, no randomness)."""
     if not isinstance(config, ModelConfig):
       raise ValueError(f"VDM expects a ModelConfig, given {type(config).__name__}")
     self.config = config
@@ -166,7 +171,7 @@ class VDM:
 
   # Input checks -----------------------------------------------------------------------------
 
-  def check_x(self, x):
+  def check_x(self, x: ArrayLike) -> jax.Array:
     """Validates data x: integer [B, H, W, C] with values in [0, vocab_size); returns it."""
     c, x = self.config, jnp.asarray(x) if not isinstance(x, jax.core.Tracer) else x
     if x.ndim != 4 or tuple(x.shape[1:]) != c.image_shape:
@@ -180,8 +185,12 @@ class VDM:
                        f"min {low}, max {high}")
     return x
 
-  def check_labels(self, labels, batch, *, allow_null=False):
-    """Validates labels: int [B] in [0, num_classes) (or = num_classes if allow_null)."""
+  def check_labels(self, labels: ArrayLike | None, batch: int, *,
+                   allow_null: bool = False) -> jax.Array | None:
+    """Validates labels: int [B] in [0, num_classes) (or = num_classes if allow_null).
+
+    Returns the labels as an array, or None when labels is None.
+    """
     n = self.config.num_classes
     if labels is None:
       return None
@@ -199,8 +208,11 @@ class VDM:
 
   # Parameters and the two learned functions -------------------------------------------------
 
-  def init(self, key, x, labels=None):
-    """Parameters {"score_model": ..., "gamma": ...} (float32) for data shaped like x [B, H, W, C]."""
+  def init(self, key: PRNGKey, x: ArrayLike, labels: ArrayLike | None = None) -> Params:
+    """Parameters {"score_model": ..., "gamma": ...} (float32) for data shaped like x [B, H, W, C].
+
+    labels (int [B] or None) shape the label embedding of class-conditional models.
+    """
     x = self.check_x(x)
     labels = self.check_labels(labels, x.shape[0], allow_null=True)
     key_net, key_gamma = jax.random.split(key)
@@ -212,8 +224,8 @@ class VDM:
       params["gamma"] = gamma
     return params
 
-  def gamma_fn(self, params):
-    """t (scalar or [B]) -> gamma(t) of the same shape, float32."""
+  def gamma_fn(self, params: Params) -> GammaFn:
+    """The schedule with `params`: t (scalar or [B]) -> gamma(t) = -log SNR(t), float32."""
     variables = {"params": params.get("gamma", {})}
     return lambda t: self.schedule.apply(variables, t)
 
@@ -223,13 +235,16 @@ class VDM:
                                  labels, train=train, rngs=rngs)
     return eps_hat.astype(jnp.float32)
 
-  def eps_fn(self, params, *, labels=None, guidance_weight=0.0, conditioning=None):
+  def eps_fn(self, params: Params, *, labels: ArrayLike | None = None,
+             guidance_weight: float | jax.Array = 0.0,
+             conditioning: ArrayLike | None = None) -> EpsFn:
     """Deterministic eps_fn(z_t [B, H, W, C], gamma_t scalar or [B]) -> eps_hat (float32).
 
     With labels and guidance_weight w != 0 (classifier-free guidance):
       eps = (1 + w) eps(z, c) - w eps(z, null).
     labels=None with num_classes > 0 uses the null label (unconditional model).
     conditioning: optional float [B], the reference's conditioning scalar.
+    (Ho & Salimans 2022 for the guidance; see vdm_jax.sampling.guidance.)
     """
     if labels is not None:
       labels = self.check_labels(labels, jnp.shape(labels)[0], allow_null=True)
@@ -265,7 +280,8 @@ class VDM:
     metrics["bpd"] = losses.bits_per_dim(loss, self.num_dims)
     return loss, metrics
 
-  def loss(self, params, x, key, *, labels=None, train=True, conditioning=None):
+  def loss(self, params: Params, x: ArrayLike, key: PRNGKey, *, labels: ArrayLike | None = None,
+           train: bool = True, conditioning: ArrayLike | None = None) -> tuple[jax.Array, Terms]:
     r"""One-sample estimate of the VDM bound, -log p(x) <= prior + reconstruction + diffusion.
 
     Draws eps0, t (antithetic if configured) and eps from `key` as vdm_jax.losses.vdm_loss
@@ -291,8 +307,10 @@ class VDM:
     return self.loss_from_noise(params, x, t, eps, eps0, labels=labels, conditioning=conditioning,
                                 train=train, key=key_net)
 
-  def loss_from_noise(self, params, x, t, eps, eps0, *, labels=None, conditioning=None,
-                      train=False, key=None):
+  def loss_from_noise(self, params: Params, x: ArrayLike, t: ArrayLike, eps: ArrayLike,
+                      eps0: ArrayLike, *, labels: ArrayLike | None = None,
+                      conditioning: ArrayLike | None = None, train: bool = False,
+                      key: PRNGKey | None = None) -> tuple[jax.Array, Terms]:
     r"""The bound's terms for given times t [B] and noises eps, eps0 [B, H, W, C].
 
     Deterministic unless train=True (then `key` drives dropout and label dropout).
@@ -321,7 +339,11 @@ class VDM:
 
   # Decoding -----------------------------------------------------------------------------------
 
-  def decode(self, params, z_0, *, key=None):
-    """Integers x [B, H, W, C] from the latent z_0: argmax of p(x | z_0), or a sample with key."""
+  def decode(self, params: Params, z_0: ArrayLike, *, key: PRNGKey | None = None) -> jax.Array:
+    """Integers x [B, H, W, C] from the latent z_0: argmax of p(x | z_0), or a sample with key.
+
+    The VDM categorical decoder (vdm_jax.decoders.decode) at gamma_0 = gamma(0); z_0 is
+    [B, H, W, C]; the result is int32 in [0, vocab_size).
+    """
     gamma_0 = self.gamma_fn(params)(jnp.zeros(()))
     return decoders.decode(z_0, gamma_0, key=key, vocab_size=self.config.vocab_size)

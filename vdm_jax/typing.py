@@ -24,7 +24,8 @@ Shape = Sequence[int]
 """An array shape such as (B, H, W, C)."""
 
 Terms = dict[str, jax.Array]
-"""Loss terms by name ("prior", "reconstruction", "diffusion", ...), each [B] nats."""
+"""Per-example loss terms by name, each [B]: "prior", "reconstruction", "diffusion" in nats
+(and metrics such as "bpd" in bits per dimension)."""
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 """eps_fn(z_t [B, ...], gamma_t [B] or scalar) -> eps_hat [B, ...], the noise prediction."""
