@@ -1,17 +1,19 @@
 """Files the trainer writes for people: sample grids (PNG), GIFs, the gamma(t) plot."""
 import math
 import os
+from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 
-def to_uint8(x, vocab_size):
+def to_uint8(x: npt.ArrayLike, vocab_size: int) -> np.ndarray:
   """Integer images in [0, V) -> uint8 in [0, 255]: round(x * 255 / (V - 1))."""
   x = np.asarray(x, np.float64)
   return np.clip(np.round(x * 255.0 / (vocab_size - 1)), 0, 255).astype(np.uint8)
 
 
-def image_grid(images, *, pad=1):
+def image_grid(images: npt.ArrayLike, *, pad: int = 1) -> np.ndarray:
   """Tiles uint8 [N,H,W,C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] image."""
   images = np.asarray(images)
   n, h, w, c = images.shape
@@ -37,13 +39,13 @@ def _scale_for(grid, min_side=256):
   return max(1, -(-min_side // max(grid.shape[:2])))
 
 
-def save_png(path, grid):
+def save_png(path: str, grid: np.ndarray) -> None:
   """Writes a uint8 [H, W, C] grid as PNG, upscaled (nearest) to >= 256 px."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   _pil(grid, _scale_for(grid)).save(path)
 
 
-def save_gif(path, grids, *, duration_ms=100):
+def save_gif(path: str, grids: Sequence[np.ndarray], *, duration_ms: int = 100) -> None:
   """Writes uint8 [H, W, C] frames as a looping animated GIF (last frame held longer)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   scale = _scale_for(grids[0])
@@ -52,8 +54,9 @@ def save_gif(path, grids, *, duration_ms=100):
   frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
-def save_gamma_plot(path, t, gamma, *, title="learned gamma(t)"):
-  """Plots gamma(t) = -log SNR(t) against t and writes a PNG."""
+def save_gamma_plot(path: str, t: npt.ArrayLike, gamma: npt.ArrayLike, *,
+                    title: str = "learned gamma(t)") -> None:
+  """Plots gamma(t) = -log SNR(t) against t ([N] each) and writes a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,7 @@
 """Exclusive use of a workdir by one trainer: the file `workdir/LOCK` holding "pid host"."""
 import os
 import socket
+from typing import Any
 
 from absl import logging
 
@@ -28,7 +29,8 @@ class WorkdirLock:
   not guarded against.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir: str) -> None:
+    """The lock of workdir (its file workdir/LOCK); nothing is created until `acquire`."""
     self.path = os.path.join(os.path.abspath(workdir), "LOCK")
     self._owner = f"{os.getpid()} {socket.gethostname()}"
 
@@ -40,7 +42,7 @@ class WorkdirLock:
     except (OSError, ValueError):
       return None, None
 
-  def acquire(self):
+  def acquire(self) -> "WorkdirLock":
     """Creates the lock file; ConfigError if another live trainer holds it."""
     for _ in range(3):
       try:
@@ -64,7 +66,7 @@ class WorkdirLock:
       return self
     raise ConfigError(f"could not create the lock file {self.path}; another trainer keeps taking it")
 
-  def release(self):
+  def release(self) -> None:
     """Removes the lock file if this process holds it."""
     try:
       with open(self.path) as f:
@@ -74,8 +76,8 @@ class WorkdirLock:
     except OSError:
       pass
 
-  def __enter__(self):
+  def __enter__(self) -> "WorkdirLock":
     return self.acquire()
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: Any) -> None:
     self.release()

@@ -6,12 +6,12 @@ FLOPs are XLA's count for the compiled (per-device, partitioned) program,
 from the vendors' data sheets; a float32 model cannot reach them, so read MFU as
 utilisation of the chip's best case.
 """
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
 # device_kind substring -> peak dense bf16 FLOP/s per device (chip).
-PEAK_FLOPS_PER_DEVICE = {
+PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
     "H200": 989e12,       # NVIDIA H200 SXM
     "H100": 989e12,       # NVIDIA H100 SXM
     "A100": 312e12,       # NVIDIA A100
@@ -32,8 +32,12 @@ def peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:
   return None
 
 
-def flops_of(compiled) -> Optional[float]:
-  """FLOPs of one call of a compiled (per-device) program, or None if XLA gives no count."""
+def flops_of(compiled: Any) -> Optional[float]:
+  """FLOPs of one call of a compiled (per-device) program, or None if XLA gives no count.
+
+  compiled: a jax.stages.Compiled (jax.jit(f).lower(...).compile()); reads
+  compiled.cost_analysis()["flops"].
+  """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0] if analysis else {}
@@ -41,8 +45,12 @@ def flops_of(compiled) -> Optional[float]:
   return float(flops) if flops and flops > 0 else None
 
 
-def utilisation(steps_per_sec: float, flops_per_step: Optional[float]) -> dict:
-  """{"train/tflops_per_device": ..., "train/mfu": ...} where they are known."""
+def utilisation(steps_per_sec: float, flops_per_step: Optional[float]) -> dict[str, float]:
+  """{"train/tflops_per_device": ..., "train/mfu": ...} where they are known.
+
+  tflops_per_device = steps_per_sec * flops_per_step / 1e12 (TFLOP/s per device);
+  mfu = achieved FLOP/s / peak_flops() (a fraction; absent where the peak is unknown).
+  """
   if flops_per_step is None:
     return {}
   achieved = steps_per_sec * flops_per_step

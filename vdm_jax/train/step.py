@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from vdm_jax import losses
+from vdm_jax import model as model_lib
+from vdm_jax.typing import Params
 
 
 @flax.struct.dataclass
@@ -37,7 +39,8 @@ class TrainState:
   rng: jax.Array
 
 
-def learning_rate_schedule(*, learning_rate, warmup_steps, decay="constant", decay_steps=0):
+def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, decay: str = "constant",
+                           decay_steps: int = 0) -> optax.Schedule:
   """lr(n) = learning_rate * min(1, n / warmup_steps) [* cosine decay to 0 over decay_steps].
 
   Args:
@@ -59,17 +62,21 @@ def learning_rate_schedule(*, learning_rate, warmup_steps, decay="constant", dec
   raise ValueError(f"optimizer.decay must be 'constant' or 'cosine', got {decay!r}")
 
 
-def weight_decay_mask(params):
-  """True for leaves that get weight decay: ndim > 1 and not under a "gamma" key."""
+def weight_decay_mask(params: Params) -> Params:
+  """True for leaves that get weight decay: ndim > 1 and not under a "gamma" key.
+
+  Returns a pytree of bools with the structure of params (optax.adamw's mask).
+  """
   def decays(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     return leaf.ndim > 1 and "gamma" not in names
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(*, schedule, b1, b2, eps, weight_decay, grad_clip_norm=0.0,
-                   accumulation_steps=1):
-  """Clipping + AdamW (+ MultiSteps when accumulation_steps > 1).
+def make_optimizer(*, schedule: optax.ScalarOrSchedule, b1: float, b2: float, eps: float,
+                   weight_decay: float, grad_clip_norm: float = 0.0,
+                   accumulation_steps: int = 1) -> optax.GradientTransformation:
+  """Clipping + AdamW (Loshchilov & Hutter 2019) (+ MultiSteps when accumulation_steps > 1).
 
   Args:
     schedule: learning-rate schedule over optimizer updates.
@@ -90,7 +97,7 @@ def make_optimizer(*, schedule, b1, b2, eps, weight_decay, grad_clip_norm=0.0,
   return tx
 
 
-def update_count(opt_state):
+def update_count(opt_state: optax.OptState) -> jax.Array:
   """Optimizer updates applied so far (int32 scalar): the count of optax.scale_by_schedule.
 
   With optax.MultiSteps it advances once per accumulated update, and never on a
@@ -100,20 +107,24 @@ def update_count(opt_state):
                         filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
 
 
-def ema_update(ema_params, params, decay):
-  """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+def ema_update(ema_params: Params, params: Params, decay: float | jax.Array) -> Params:
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf; a pytree like params.
+
+  The constant-decay EMA of the trainer (see vdm_jax.ema for the power-function EMA of EDM2).
+  """
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def create(params, tx, seed):
-  """A fresh TrainState at step 0 (EMA starts at the initial params)."""
+def create(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A fresh TrainState at step 0 (EMA starts at the initial params, rng = PRNGKey(seed))."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
                     opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, *,
-                    ema_decay: float, accumulation_steps: int = 1) -> Callable:
+def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, schedule: Callable, *,
+                    ema_decay: float, accumulation_steps: int = 1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics of scalars), pure (jit it).
 
   batch: {"image": int [B, H, W, C], optionally "label": int [B] when the model is
