@@ -21,6 +21,7 @@ batch dict; for an eps_fn / gamma_fn pair: `loss_fn_from_eps`.
 """
 import functools
 import math
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdm_jax import losses
 from vdm_jax.ode_likelihood import ode_loss_fn, ode_nll  # noqa: F401 (re-exported)
+from vdm_jax.typing import EpsFn, GammaFn, LossFn, Params, PRNGKey
 
 
-def loss_fn_from_eps(eps_fn, gamma_fn, *, num_steps=0, vocab_size=256):
+def loss_fn_from_eps(eps_fn: EpsFn, gamma_fn: GammaFn, *, num_steps: int = 0,
+                     vocab_size: int = 256) -> LossFn:
   """A loss_fn(params, batch, key) for `evaluate_bpd` from a fixed model (params unused).
 
   Returns losses.vdm_loss(eps_fn, gamma_fn, batch["image"], key, num_steps=num_steps,
@@ -83,7 +86,8 @@ def _check_batch(batch):
   return {name: np.asarray(value) for name, value in batch.items()}
 
 
-def evaluate_bpd(loss_fn, batches, key, *, params=None, num_time_samples=1, mesh=None):
+def evaluate_bpd(loss_fn: LossFn, batches: Iterable[dict], key: PRNGKey, *, params: Params = None,
+                 num_time_samples: int = 1, mesh: Mesh | None = None) -> dict[str, float]:
   r"""Bits/dim of every example of `batches`, with a per-term breakdown.
 
   Args:
