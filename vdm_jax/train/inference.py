@@ -6,7 +6,7 @@ Only process 0 writes files.
 """
 import functools
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -22,14 +22,17 @@ from vdm_jax.train import checkpoints
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
 from vdm_jax.train import setup as setup_lib
+from vdm_jax.train import step as step_lib
 from vdm_jax.train.errors import CheckpointError
 from vdm_jax.train.errors import ConfigError
+from vdm_jax.typing import Params
 
 _SAMPLERS = {"ancestral": sampling.ancestral_sample, "ddim": sampling.ddim_sample,
              "ode": sampling.ode_sample}
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str, *, step: int = -1):
+def restore(config: ml_collections.ConfigDict, workdir: str, *,
+            step: int = -1) -> tuple[setup_lib.Setup, int, step_lib.TrainState]:
   """(setup, step, TrainState) of a trained run: its Setup and checkpoint `step` (-1: newest)."""
   config_lib.validate_config(config, workdir)
   setup = setup_lib.get_setup(config)
@@ -78,7 +81,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return write_samples(setup, state.ema_params, step, workdir, gif=config.sample.gif)
 
 
-def restore_for_inference(setup, workdir: str, step: int = -1):
+def restore_for_inference(setup: setup_lib.Setup, workdir: str,
+                          step: int = -1) -> tuple[int, step_lib.TrainState]:
   """(step, TrainState) from workdir's newest checkpoint (step -1) or checkpoint `step`."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):  # do not create it: eval and sample only read
@@ -95,8 +99,15 @@ def restore_for_inference(setup, workdir: str, step: int = -1):
   return step, state
 
 
-def evaluate_and_draw(setup, state, test_source, step, workdir, writer, baseline=None):
-  """Test bits/dim with EMA params, a sample grid and the gamma(t) plot."""
+def evaluate_and_draw(setup: setup_lib.Setup, state: step_lib.TrainState, test_source: Any,
+                      step: int, workdir: str, writer: Any,
+                      baseline: Optional[float] = None) -> dict[str, float]:
+  """Test bits/dim with EMA params, a sample grid and the gamma(t) plot.
+
+  test_source is the test split (data.load_sources), writer a clu metric writer; baseline, the
+  per-pixel categorical bits/dim, is logged next to the model's. Returns the metrics of
+  setup.evaluate_params ("bpd", "bpd_stderr", "bpd_<term>", "num_examples").
+  """
   metrics = setup.evaluate_params(state.ema_params, test_source)
   scalars = {f"test/{k}": v for k, v in metrics.items()}
   if baseline is not None:
@@ -160,7 +171,8 @@ def _progressive_fn(setup):
   return jax.jit(progressive, out_shardings=setup.replicated)
 
 
-def write_samples(setup, params, step, workdir, *, writer=None, gif=False) -> dict:
+def write_samples(setup: setup_lib.Setup, params: Params, step: int, workdir: str, *,
+                  writer: Any = None, gif: bool = False) -> dict[str, str]:
   """Draws config.sample.num_images images; process 0 writes PNG grid + .npy (+ GIF).
 
   Returns:
