@@ -8,6 +8,7 @@ resumed run repeats an uninterrupted one exactly.
 """
 import collections
 import json
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +21,14 @@ from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
 from vdm_jax.train import performance
 from vdm_jax.train import step as step_lib
+from vdm_jax.typing import Params
 
 
 class Setup:
   """Model, mesh, shardings and the jitted train step of one config (build with get_setup)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict) -> None:
+    """Builds the model, mesh, shardings and optimizer of `config`; compiles nothing yet."""
     self.config = config
     self.model = config_lib.create_model(config)
     self.conditional = config.model.num_classes > 0
@@ -59,7 +62,7 @@ class Setup:
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
 
   @property
-  def train_step(self):
+  def train_step(self) -> jax.stages.Wrapped:
     """The jitted step_lib.make_train_step: (state, global batch) -> (state, metrics); the
     state is donated."""
     if self._train_step is None:
@@ -79,7 +82,7 @@ class Setup:
                                           sharding=self.batch_sharding),
             "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=self.batch_sharding)}
 
-  def compiled_train_step(self):
+  def compiled_train_step(self) -> tuple[jax.stages.Compiled, Optional[float]]:
     """(the train step compiled ahead of time, its FLOPs per step per device or None).
 
     Compiled once per Setup; the training loop calls it directly.
@@ -94,7 +97,7 @@ class Setup:
     loss, terms = self.model.loss(params, batch["image"], key, labels=labels, train=False)
     return loss, {name: terms[name] for name in ("prior", "reconstruction", "diffusion")}
 
-  def evaluate_params(self, params, source) -> dict:
+  def evaluate_params(self, params: Params, source: Any) -> dict[str, float]:
     """Test bits/dim of `params`: one deterministic pass over `source` (vdm_jax.likelihood).
 
     Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so the number is
