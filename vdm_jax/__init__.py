@@ -9,7 +9,8 @@ The math core is importable without TensorFlow or Flax:
 Conventions (see each docstring): gamma = -log SNR, alpha^2 = sigmoid(-gamma),
 sigma^2 = sigmoid(gamma); images NHWC; losses in nats summed over H, W, C.
 Networks, the model object and the trainer live in `vdm_jax.nets`,
-`vdm_jax.model` and `vdm_jax.train` (imported on demand).
+`vdm_jax.model` and `vdm_jax.train` (imported on demand); the type aliases of the
+signatures (EpsFn, GammaFn, PRNGKey, LossFn, Terms, ...) in `vdm_jax.typing`.
 """
 from vdm_jax import ddpm
 from vdm_jax import decoders
