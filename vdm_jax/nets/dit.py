@@ -117,17 +117,10 @@ class DiT(nn.Module):
   @nn.compact
   def __call__(self, z: jax.Array, g_t: ArrayLike, conditioning: ArrayLike | None = None,
                labels: ArrayLike | None = None, *, train: bool = False) -> jax.Array:
-    """Predicts the noise; z [B, H, W, C], g_t scalar or [B] -> eps_hat [B, H, W, C].
+    """Predicts the noise; z [B, H, W, C], g_t scalar or [B] -> eps_hat [B, H, W, C] (float32).
 
-    Args:
-      z: latent z_t, float [B, H, W, C].
-      g_t: gamma_t, scalar or [B].
-      conditioning: the reference's conditioning scalar, float [B] or None (zeros).
-      labels: int [B] in [0, num_classes] (num_classes = null label) or None.
-      train: enables dropout (needs the 'dropout' rng).
-
-    Returns:
-      eps_hat, [B, H, W, C] (float32).
+    conditioning (float [B] or None), labels (int [B] in [0, num_classes] or None) and train
+    (dropout) as in ScoreUNet.__call__, the call signature shared by vdm_jax.nets.
     """
     layers.check_inputs(z, g_t, conditioning, labels, self.num_classes)
     self._check(z)
