@@ -26,10 +26,17 @@ STABLE_SIGNATURES = {
 }
 
 
+def _without_annotations(function):
+  """The signature's names, order, kinds and defaults; the type hints are checked elsewhere."""
+  signature = inspect.signature(function)
+  parameters = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
+  return str(signature.replace(parameters=parameters, return_annotation=signature.empty))
+
+
 def test_stable_names_keep_their_leading_arguments():
   for dotted, expected in STABLE_SIGNATURES.items():
     module, name = dotted.split(".")
-    signature = str(inspect.signature(getattr(getattr(vdm_jax, module), name)))
+    signature = _without_annotations(getattr(getattr(vdm_jax, module), name))
     assert signature.startswith(expected), (dotted, signature)
 
 
