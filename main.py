@@ -8,6 +8,9 @@ r"""Train, evaluate or sample a VDM.
 Any config field can be overridden with --config.a.b=value. Training resumes
 from the newest checkpoint in --workdir; --mode=eval and --mode=sample load
 the newest one (or --config.eval.checkpoint_step=N, --config.sample.checkpoint_step=N).
+The first start records the config in --workdir/config.json; a resume that
+changes more than num_steps, eval.*, sample.* or the logging and checkpoint
+frequencies stops with the changed fields, unless --allow_config_change.
 
 Several hosts (or several processes on one machine): start the same command
 once per process with
@@ -17,6 +20,7 @@ once per process with
 Open MPI). The global batch (training.batch_size) is split over all devices
 of all processes and must be divisible by their number.
 """
+import functools
 import re
 import signal
 import sys
@@ -37,6 +41,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with auto-detection.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume training even though the config differs from workdir/config.json in fields "
+    "that change the run (the change is logged and recorded).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,8 +70,9 @@ def main(argv):
   _initialize_distributed()
   logging.info("JAX process %d of %d, %d devices: %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices())
-  run = {"train": train.train_and_evaluate, "eval": train.evaluate,
-         "sample": train.sample}[_MODE.value]
+  run = {"train": functools.partial(train.train_and_evaluate,
+                                   allow_config_change=_ALLOW_CONFIG_CHANGE.value),
+         "eval": train.evaluate, "sample": train.sample}[_MODE.value]
   # A preemption's SIGTERM unwinds like an exception: pending checkpoint writes
   # finish and the workdir lock is released (SIGKILL leaves a stale lock that
   # the next run on this host takes over).

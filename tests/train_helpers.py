@@ -76,3 +76,35 @@ def assert_params_match(actual, expected, *, learning_rates, rtol=1e-5, max_nois
         f"scale (largest difference {diff.max():.3g})")
     assert np.all(diff <= noise_bound), (
         f"{name}: differs by {diff.max():.3g} > twice Adam's displacement bound {noise_bound:.3g}")
+
+
+class _HookedBatches:
+  """A training iterator whose batches pass through hook(n, batch); the rest is delegated."""
+
+  def __init__(self, iterator, hook, count):
+    self._iterator, self._hook, self._count = iterator, hook, count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    n, self._count[0] = self._count[0], self._count[0] + 1
+    return self._hook(n, batch)
+
+  def __getattr__(self, name):  # get_state, set_state, start_prefetch, close
+    return getattr(self._iterator, name)
+
+
+def hook_train_batches(monkeypatch, hook):
+  """Makes every training batch the loop takes pass through hook(n, batch) -> batch.
+
+  n counts batches from 0 over all training iterators created from now on (the
+  loop takes them a few steps ahead of training, as it did before). The hook may
+  change the batch or raise (a simulated preemption).
+  """
+  from vdm_jax.train import data  # pylint: disable=g-import-not-at-top
+  original, count = data.train_iterator, [0]
+  monkeypatch.setattr(data, "train_iterator",
+                      lambda *args, **kwargs: _HookedBatches(original(*args, **kwargs), hook,
+                                                             count))

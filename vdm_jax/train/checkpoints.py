@@ -1,21 +1,27 @@
 """Orbax checkpoints of the training state plus the data-iterator position.
 
 One checkpoint = step directory with two items: "state" (any pytree of arrays:
-params, EMA params, optimizer state, step, RNG) and "data" (a small JSON dict,
-the iterator position). Writes are atomic (orbax renames a finished temporary
-directory), so a listed step is complete; a step that still fails to restore
-(damaged files) makes `restore` fall back to the previous one with a warning.
-A state holding NaN or Inf is never saved, and a checkpoint whose leaf shapes
-differ from the expected state (another config) is refused, naming the leaf.
+params, EMA params, optimizer state, step, RNG) and "data" (the grain iterator
+state that followed the last batch the saved state was trained on, written by
+grain's orbax CheckpointHandler: one process_<p>-of-<P>.json per process).
+Writes are atomic (orbax renames a finished temporary directory), so a listed
+step is complete; a step that still fails to restore (damaged files) makes
+`restore` fall back to the previous one with a warning. A state holding NaN or
+Inf is never saved, and a checkpoint whose leaf shapes differ from the expected
+state (another config) is refused, naming the leaf. The trainer's data state
+is the same on every process, so a checkpoint resumes with another number of
+processes too.
 
 """
 import errno
+import json
 import os
 from typing import Any, Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import grain
 import orbax.checkpoint as ocp
 
 from vdm_jax.train.errors import CheckpointError
@@ -33,13 +39,36 @@ def make_manager(directory, *, max_to_keep=3):
     ocp.CheckpointManager. Call `.close()` when done (it waits for saves).
   """
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
                                item_handlers=handlers)
 
 
+class _IteratorState:
+  """A recorded grain iterator state, saved and restored by grain's CheckpointHandler.
+
+  The training loop reads batches ahead, so the live iterator is past the batch
+  the saved state was trained on; this holds the state recorded right after
+  that batch. It speaks the handler's bytes protocol (as grain's
+  DataLoaderIterator does) and writes the same JSON that grain writes for a
+  DatasetIterator, so grain.checkpoint.CheckpointRestore(iterator) also reads it.
+  """
+
+  def __init__(self, state=None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state, indent=4).encode()
+
+  def set_state(self, state: bytes):
+    self.state = json.loads(state)
+
+  def start_prefetch(self):
+    pass
+
+
 def save(manager, step, state, data_state):
-  """Saves `state` (pytree) and `data_state` (JSON dict) as checkpoint `step`.
+  """Saves `state` (pytree) and `data_state` (grain iterator state, JSON dict) as `step`.
 
   Orbax silently ignores a save of a step that already exists; this logs it
   instead and returns False. Returns True when a save was started (it may
@@ -55,7 +84,7 @@ def save(manager, step, state, data_state):
                  manager.directory)
     return False
   args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=ocp.args.JsonSave(dict(data_state)))
+                            data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)))
   return bool(manager.save(step, args=args, force=True))
 
 
@@ -108,10 +137,39 @@ def _check_shapes(manager, step, abstract_state):
 
 def _restore_step(manager, step, abstract_state):
   _check_shapes(manager, step, abstract_state)
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                            data=ocp.args.JsonRestore())
-  restored = manager.restore(step, args=args)
-  return restored["state"], dict(restored["data"])
+  position = _IteratorState()
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  own = _data_dir(manager, step) / _process_file(jax.process_index(), jax.process_count())
+  if own.exists():
+    items["data"] = grain.checkpoint.CheckpointRestore(position)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"], position.state if own.exists() else _shared_state(manager, step)
+
+
+def _data_dir(manager, step):
+  return manager.directory / str(step) / "data"
+
+
+def _process_file(index, count):
+  return f"process_{index}-of-{count}.json"  # grain's CheckpointHandler's file name
+
+
+def _shared_state(manager, step):
+  """The data state of a checkpoint written by another number of processes.
+
+  The trainer's iterator state (batches returned) is the same on every process,
+  so it carries over to any number of processes; other states are refused.
+  """
+  files = sorted(_data_dir(manager, step).glob("process_*-of-*.json"))
+  states = [json.loads(f.read_text()) for f in files]
+  if not states:
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} holds no grain iterator "
+                          f"state (written before the input pipeline used grain?)")
+  if any(s != states[0] for s in states):
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} holds different data "
+                          f"positions for its {len(states)} processes; resume with "
+                          f"{len(states)} processes")
+  return states[0]
 
 
 def restore(manager, abstract_state, *, step: Optional[int] = None
@@ -126,7 +184,8 @@ def restore(manager, abstract_state, *, step: Optional[int] = None
       loads; a damaged newest checkpoint is skipped with a warning.
 
   Returns:
-    (step, state, data_state), or None when there is no checkpoint at all.
+    (step, state, data_state), or None when there is no checkpoint at all; data_state
+    is the saved grain iterator state of this process (dict).
   """
   manager.reload()
   steps = sorted(manager.all_steps(), reverse=True)

@@ -37,6 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
       path="",             # .npz file or image folder (npz / image_folder only)
       test_fraction=0.1,   # npz / image_folder: held-out fraction
       split_seed=0,        # npz / image_folder: seed of the fixed train/test split
+      num_threads=data.NUM_THREADS,  # background threads reading batches (0: read in the loop)
+      prefetch_batches=data.PREFETCH_BATCHES,  # batches read ahead of the train step
   ))
   config.model = model_config()
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -109,6 +111,16 @@ def _validate_training(config):
   _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
 
 
+def _validate_data(config):
+  d = config.data
+  _require(d.dataset in data.DATASETS,
+           f"unknown data.dataset {d.dataset!r}; expected one of {', '.join(data.DATASETS)}")
+  for name in ("num_threads", "prefetch_batches"):
+    _require(_numerics.is_int(d.get(name)) and d.get(name) >= 0,
+             f"data.{name} must be an integer >= 0 (0: read batches in the training loop), "
+             f"got {d.get(name)!r}; set --config.data.{name}")
+
+
 def _validate_optimizer(config):
   o = config.optimizer
   for name in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm",
@@ -130,9 +142,7 @@ def _validate_optimizer(config):
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Fails fast (before any compile) with a one-line ConfigError naming the fix."""
   num_devices, num_hosts = jax.device_count(), jax.process_count()
-  _require(config.data.dataset in data.DATASETS,
-           f"unknown data.dataset {config.data.dataset!r}; expected one of "
-           f"{', '.join(data.DATASETS)}")
+  _validate_data(config)
   _validate_training(config)
   _validate_optimizer(config)
   create_model(config)  # ModelConfig checks its own fields

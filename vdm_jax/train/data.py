@@ -1,10 +1,14 @@
 """Datasets as integer NHWC numpy batches {"image": int32 [B,H,W,C], "label": int32 [B]}.
 
-Sources are random-access (len + integer indexing), so the training iterator
-is a pure function of (seed, epoch, index): its state is two ints that a
-checkpoint stores, and a resumed run sees exactly the batches of an
-uninterrupted one. Every host draws the same global permutation and keeps its
-own contiguous slice of each global batch.
+Sources are random-access (len + get(indices)); grain turns them into batches:
+a global shuffle per epoch, per-process shards, reading on background threads
+with batches prefetched ahead of the train step, and an iterator state
+({"next_index": batches returned}) that the checkpoint stores through orbax's
+grain support, so a resumed run sees exactly the batches of an uninterrupted
+one. Training: every process computes the same global batch of indices and
+reads only its contiguous slice of it (the global batch does not depend on the
+number of processes). Evaluation: one pass in order, process p reading grain's
+shard [p::P] (the numbering of vdm_jax.likelihood).
 
 Sources: the embedded sklearn digits (fixed 1500/297 split, no download),
 tfds named datasets read through `tfds.data_source` (array_record files, no
@@ -13,9 +17,10 @@ TensorFlow input pipeline), user `.npz` arrays and a folder of PNG/JPEG files.
 import dataclasses
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from absl import logging
+import grain
 import numpy as np
 
 from vdm_jax.train.errors import ConfigError
@@ -31,6 +36,8 @@ TFDS_DATASETS = {
 LOCAL_DATASETS = ("digits", "npz", "image_folder")
 DATASETS = tuple(TFDS_DATASETS) + LOCAL_DATASETS
 DIGITS_NUM_TRAIN = 1500
+NUM_THREADS = 4        # default data.num_threads: background threads reading batches
+PREFETCH_BATCHES = 8   # default data.prefetch_batches: batches read ahead of the train step
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -221,79 +228,119 @@ def check_source(source, *, split, image_shape, vocab_size, num_classes=0):
                      f"model.num_classes={num_classes} needs them in [0, {num_classes - 1}]")
 
 
-def _host_slice(global_batch, process_index, process_count):
-  per_host = global_batch // process_count
-  return slice(process_index * per_host, (process_index + 1) * per_host)
+def _shard(shard_options):
+  return grain.sharding.ShardByJaxProcess() if shard_options is None else shard_options
 
 
-class TrainIterator:
-  """Endless shuffled batches; the state {"epoch", "index"} restores the position.
+def _read_options(num_threads, prefetch_batches):
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
 
-  Epoch e uses the permutation of np.random.default_rng([seed, e]); global
-  batch i of it is perm[i*B:(i+1)*B] (the last partial batch is dropped), and
-  process p of P yields its contiguous B/P slice of it.
+
+def _check_batch_size(name, batch_size, shard):
+  if batch_size <= 0 or batch_size % shard.shard_count:
+    raise ConfigError(f"{name} must be a positive multiple of the process count "
+                      f"{shard.shard_count}, got {batch_size}")
+
+
+class _ReadSlice:
+  """Reads this process's contiguous part [start, stop) of a global batch of indices."""
+
+  def __init__(self, source, start, stop):
+    self._source, self._start, self._stop = source, start, stop
+
+  def __call__(self, indices):
+    return self._source.get(indices[self._start:self._stop])
+
+
+def train_dataset(source, *, batch_size, seed,
+                  shard_options: Optional[grain.sharding.ShardOptions] = None
+                  ) -> grain.MapDataset:
+  """Endless shuffled training batches as a grain MapDataset (element b: global batch b).
+
+  Epoch e is grain's global shuffle of range(N) with seed `seed + e`; its global
+  batch i is shuffled[i*B:(i+1)*B] (the last partial batch is dropped), N // B
+  batches per epoch. Process p of P (shard_options, default grain's
+  ShardByJaxProcess) reads only its contiguous B/P part [p*B/P, (p+1)*B/P) of
+  each global batch, so the global batch, and a run's numbers, do not depend on P.
+
+  Args:
+    source: random-access source (len, get(indices) -> {"image", "label"}).
+    batch_size: B, the global batch; a multiple of P.
+    seed: shuffle seed (taken modulo 2**32).
+    shard_options: grain.sharding.ShardOptions (shard_index p, shard_count P).
+
+  Returns:
+    grain.MapDataset of {"image": int32 [B/P, H, W, C], "label": int32 [B/P]}.
   """
-
-  def __init__(self, source, *, batch_size, seed, process_index=0, process_count=1):
-    if batch_size <= 0 or batch_size % process_count:
-      raise ConfigError(f"batch_size must be a positive multiple of the process count "
-                       f"{process_count}, got {batch_size}")
-    if len(source) < batch_size:
-      raise ConfigError(f"the training split has {len(source)} examples, fewer than "
-                       f"training.batch_size {batch_size}")
-    self._source, self._batch_size, self._seed = source, batch_size, seed
-    self._slice = _host_slice(batch_size, process_index, process_count)
-    self.epoch, self.index = 0, 0
-    self._perm_epoch, self._perm = None, None
-
-  @property
-  def batches_per_epoch(self):
-    return len(self._source) // self._batch_size
-
-  def get_state(self):
-    """Position as plain ints: {"epoch": int, "index": int}."""
-    return {"epoch": int(self.epoch), "index": int(self.index)}
-
-  def set_state(self, state):
-    """Restores a position saved by get_state."""
-    self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self.index >= self.batches_per_epoch:
-      self.epoch, self.index = self.epoch + 1, 0
-    if self._perm_epoch != self.epoch:
-      rng = np.random.default_rng([self._seed, self.epoch])
-      self._perm, self._perm_epoch = rng.permutation(len(self._source)), self.epoch
-    start = self.index * self._batch_size
-    indices = self._perm[start:start + self._batch_size][self._slice]
-    self.index += 1
-    return self._source.get(indices)
+  shard = _shard(shard_options)
+  _check_batch_size("training.batch_size", batch_size, shard)
+  if len(source) < batch_size:
+    raise ConfigError(f"the training split has {len(source)} examples, fewer than "
+                      f"training.batch_size {batch_size}")
+  local = batch_size // shard.shard_count
+  read = _ReadSlice(source, shard.shard_index * local, (shard.shard_index + 1) * local)
+  return (grain.MapDataset.range(len(source)).shuffle(seed=int(seed) % 2**32)
+          .batch(batch_size, drop_remainder=True).repeat().map(read))
 
 
-def eval_batches(source, *, batch_size, num_examples=0, process_index=0,
-                 process_count=1) -> Iterator[dict[str, Any]]:
+def train_iterator(source, *, batch_size, seed,
+                   shard_options: Optional[grain.sharding.ShardOptions] = None,
+                   num_threads: int = NUM_THREADS, prefetch_batches: int = PREFETCH_BATCHES
+                   ) -> grain.DatasetIterator:
+  """Iterator over train_dataset's batches, read by `num_threads` background threads.
+
+  Up to `prefetch_batches` batches are read ahead (0 threads or 0 batches: read
+  on the calling thread). get_state() is {"next_index": number of batches
+  returned}, the same on every process; set_state(state) resumes after them
+  exactly, whatever the number of threads.
+
+  Returns:
+    grain.DatasetIterator of {"image": int32 [B/P, H, W, C], "label": int32 [B/P]}.
+  """
+  dataset = train_dataset(source, batch_size=batch_size, seed=seed, shard_options=shard_options)
+  return iter(dataset.to_iter_dataset(_read_options(num_threads, prefetch_batches)))
+
+
+def _eval_total(num_examples, length, batch_size, process_count):
+  """Examples evaluated: the first num_examples (0: all), less a last remainder smaller than P."""
+  total = length if num_examples <= 0 else min(num_examples, length)
+  remainder = total % batch_size
+  if process_count > 1 and 0 < remainder < process_count:
+    logging.warning("dropping the last %d eval examples (fewer than %d processes)",
+                    remainder, process_count)
+    total -= remainder
+  return total
+
+
+def eval_batches(source, *, batch_size, num_examples=0,
+                 shard_options: Optional[grain.sharding.ShardOptions] = None,
+                 num_threads: int = NUM_THREADS, prefetch_batches: int = PREFETCH_BATCHES
+                 ) -> Iterator[dict[str, Any]]:
   """One deterministic pass in order over the first num_examples (0: all) examples.
 
-  Global batch b covers examples [b*B, (b+1)*B); process p of P yields every
-  P-th of them starting at the p-th (the last batch may be smaller), so local
-  position j of process p is example b*B + j*P + p, the numbering that
-  vdm_jax.likelihood uses: the evaluation does not depend on P. With several
-  processes a final remainder smaller than P is dropped.
+  Process p of P keeps grain's shard range(total)[p::P] and batches it by B/P, so
+  local position j of process p in global batch b is example b*B + j*P + p, the
+  numbering that vdm_jax.likelihood uses: the evaluation does not depend on P.
+  The last batch may be smaller; with several processes a final remainder
+  smaller than P is dropped. Batches are read ahead on background threads.
+
+  Returns:
+    iterator of {"image": int32 [<= B/P, H, W, C], "label": int32 [<= B/P]}.
   """
-  if batch_size <= 0 or batch_size % process_count:
-    raise ConfigError(f"eval batch_size must be a positive multiple of the process count "
-                     f"{process_count}, got {batch_size}")
-  total = len(source) if num_examples <= 0 else min(num_examples, len(source))
-  for start in range(0, total, batch_size):
-    indices = np.arange(start, min(start + batch_size, total))
-    if len(indices) < process_count:
-      logging.warning("dropping the last %d eval examples (fewer than %d processes)",
-                      len(indices), process_count)
-      return
-    yield source.get(indices[process_index::process_count])
+  shard = _shard(shard_options)
+  _check_batch_size("eval batch_size", batch_size, shard)
+  total = _eval_total(num_examples, len(source), batch_size, shard.shard_count)
+  dataset = (grain.MapDataset.range(total)[shard.shard_index::shard.shard_count]
+             .batch(batch_size // shard.shard_count).map(source.get))
+  return _closing(iter(dataset.to_iter_dataset(_read_options(num_threads, prefetch_batches))))
+
+
+def _closing(iterator):
+  """Yields the iterator's elements, then stops its reading threads."""
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
 
 
 def categorical_baseline(sources: dict, vocab_size: int):

@@ -9,6 +9,7 @@ process takes part in the computation and in checkpointing.
 import collections
 import os
 import time
+from typing import Optional
 
 from absl import logging
 import jax
@@ -21,17 +22,29 @@ from vdm_jax.train import data
 from vdm_jax.train import inference
 from vdm_jax.train import lock
 from vdm_jax.train import performance
+from vdm_jax.train import run_record
 from vdm_jax.train import setup as setup_lib
+from vdm_jax.train.errors import CheckpointError
 from vdm_jax.train.errors import TrainingError
 
 PREFETCH_DEPTH = 2
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
   """Trains (resuming from workdir/checkpoints if any), evaluates, samples.
 
   Process 0 holds workdir/LOCK meanwhile: a second trainer on the same workdir
-  fails with a ConfigError instead of interleaving checkpoints.
+  fails with a ConfigError instead of interleaving checkpoints. The first start
+  records the config in workdir/config.json; a resume with a changed config is
+  refused (ConfigError naming each field) unless the change is one of
+  run_record.RESUMABLE or allow_config_change is set.
+
+  Args:
+    config: the run's ConfigDict (configs/*.py, or default_config() with overrides).
+    workdir: checkpoints, logs, samples and plots go here.
+    allow_config_change: resume even when fields outside run_record.RESUMABLE changed
+      (the change is logged and recorded).
 
   Returns:
     dict of the last evaluation's metrics (test bits/dim, EMA params).
@@ -40,9 +53,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sources = data.load_sources(config)
   setup = setup_lib.get_setup(config)
   if jax.process_index() != 0:  # the processes of one run share the workdir
-    return run(setup, sources, workdir)
+    return run(setup, sources, workdir, config=config,
+               allow_config_change=allow_config_change)
   with lock.WorkdirLock(workdir):
-    return run(setup, sources, workdir)
+    return run(setup, sources, workdir, config=config,
+               allow_config_change=allow_config_change)
 
 
 class _NonfiniteCounter:
@@ -70,7 +85,9 @@ class _NonfiniteCounter:
 def _prefetch_to_device(setup, iterator, depth):
   """Yields (global device batch, iterator state after it), `depth` batches ahead.
 
-  Placing batch i + depth on the devices is asynchronous, so it overlaps step i.
+  grain's threads read the host batches ahead; placing batch i + depth on the
+  devices is asynchronous, so it overlaps step i. The state recorded with each
+  batch is the one to save after training on it (the iterator itself is ahead).
   """
   queue = collections.deque()
   while True:
@@ -98,7 +115,11 @@ def _raise_if_disk_full(err, manager):
 
 
 def _restore_or_init(setup, manager, iterator):
-  """(first step, state): from the newest loadable checkpoint, else a fresh state."""
+  """(first step, state): from the newest loadable checkpoint, else a fresh state.
+
+  The grain iterator is set to the position saved with the checkpoint, then
+  starts reading in the background (while the train step compiles).
+  """
   try:
     restored = checkpoints.restore(manager, setup.abstract_state())
   except BaseException:
@@ -107,9 +128,37 @@ def _restore_or_init(setup, manager, iterator):
   if restored is None:
     return 0, setup.init_state()
   start, state, data_state = restored
-  iterator.set_state(data_state)
+  try:
+    iterator.set_state(data_state)
+  except (KeyError, TypeError, ValueError, IndexError) as err:
+    manager.close()
+    raise CheckpointError(f"checkpoint {start} in {manager.directory} holds the data position "
+                          f"{data_state!r}, which this input pipeline cannot resume from "
+                          f"({type(err).__name__}: {err}); use a fresh --workdir") from None
   logging.info("resumed from checkpoint %d (data position %s)", start, data_state)
   return start, state
+
+
+def _start(setup, config, source, manager, workdir, allow_config_change):
+  """(first step, state, train iterator at its position) of a fresh or resumed run.
+
+  A resume first compares the config with the workdir's record (ConfigError on a
+  refused change, before anything is read); the config is recorded once the
+  checkpoint is restored. The iterator then reads ahead while the step compiles.
+  """
+  try:
+    changes = (run_record.compare(config, workdir, allow_change=allow_config_change)
+               if manager.all_steps() else {})
+  except BaseException:
+    manager.close()
+    raise
+  iterator = data.train_iterator(source, batch_size=config.training.batch_size,
+                                 seed=config.seed, num_threads=config.data.num_threads,
+                                 prefetch_batches=config.data.prefetch_batches)
+  start, state = _restore_or_init(setup, manager, iterator)
+  iterator.start_prefetch()
+  run_record.record(config, workdir, changes)
+  return start, state, iterator
 
 
 class _Metrics:
@@ -149,7 +198,9 @@ class _Metrics:
     self.clock = (step, time.perf_counter())
 
 
-def run(setup: setup_lib.Setup, sources: dict, workdir: str) -> dict:
+def run(setup: setup_lib.Setup, sources: dict, workdir: str, *,
+        config: Optional[ml_collections.ConfigDict] = None,
+        allow_config_change: bool = False) -> dict:
   """Trains to config.training.num_steps, resuming from the newest loadable checkpoint.
 
   A step with a non-finite loss or gradient is skipped (see step.make_train_step);
@@ -157,18 +208,21 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str) -> dict:
   log, evaluation or checkpoint boundary), a TrainingError stops the run without
   saving.
 
+  `config` (default setup.config) supplies config.data; a resume compares it with
+  the workdir's record first (run_record.compare), and once the state is restored
+  it is recorded (run_record.record).
+
   Returns:
     dict: the last evaluation's test metrics (bits/dim of the EMA params).
   """
   # clu's TensorBoard writer imports TensorFlow: only training pays for it.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  config, t = setup.config, setup.config.training
+  config = setup.config if config is None else config
+  t = config.training
   manager = checkpoints.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                      max_to_keep=t.keep_checkpoints)
-  iterator = data.TrainIterator(sources["train"], batch_size=t.batch_size, seed=config.seed,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
-  start, state = _restore_or_init(setup, manager, iterator)
+  start, state, iterator = _start(setup, config, sources["train"], manager, workdir,
+                                  allow_config_change)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
@@ -183,6 +237,7 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str) -> dict:
       _raise_if_disk_full(err, manager)
       raise
   finally:
+    iterator.close()
     manager.close()
     writer.flush()
   return eval_metrics

@@ -108,9 +108,7 @@ class Setup:
       reconstruction and diffusion, and "num_examples".
     """
     e = self.config.eval
-    batches = data.eval_batches(source, batch_size=e.batch_size, num_examples=e.num_examples,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
+    batches = data.eval_batches(source, batch_size=e.batch_size, num_examples=e.num_examples)
     result = likelihood.evaluate_bpd(self._eval_loss, batches,
                                      jax.random.PRNGKey(self.config.seed + 1), params=params,
                                      num_time_samples=e.num_time_samples, mesh=self.mesh)
