@@ -13,6 +13,7 @@ from vdm_jax.train import checkpoints
 from vdm_jax.train import data
 from vdm_jax import train
 from vdm_jax.train import step as step_lib
+from train_helpers import hook_train_batches
 from train_helpers import tiny_config
 
 
@@ -115,25 +116,32 @@ def test_ema_update_is_the_convex_combination():
   np.testing.assert_allclose(step_lib.ema_update(ema, params, 0.9), 0.9 * ema + 0.1 * params)
 
 
-def test_train_step_reports_finite_metrics_and_moves_params():
+def test_train_step_reports_the_bound_at_its_documented_key_and_moves_params_after_warmup():
   setup = train.get_setup(tiny_config())
   state = setup.init_state()
-  before = jax.tree.map(np.asarray, state.params)
-  batch = next(data.TrainIterator(data.load_digits("train"), batch_size=8, seed=0))
+  before = jax.device_get(state)  # a host copy: the step donates its input
+  batch = next(data.train_iterator(data.load_digits("train"), batch_size=8, seed=0))
+  # Step i draws its randomness from fold_in(state.rng, i): the bound of that key, computed
+  # outside the step, is what the step reports (the terms each on their own).
+  loss, terms = jax.jit(lambda p, x, k: setup.model.loss(p, x, k, train=True))(
+      before.params, jnp.asarray(batch["image"]), jax.random.fold_in(before.rng, 0))
   state, metrics = setup.train_step(state, setup.global_batch(batch))
   metrics = jax.device_get(metrics)
   assert int(state.step) == 1
-  for name in ("bpd", "bpd_prior", "bpd_reconstruction", "bpd_diffusion", "grad_norm"):
-    assert np.isfinite(metrics[name]) and metrics[name] >= 0, name
-  np.testing.assert_allclose(metrics["bpd"], metrics["bpd_prior"] + metrics["bpd_reconstruction"]
-                             + metrics["bpd_diffusion"], rtol=1e-4)
+  to_bpd = 1.0 / (setup.model.num_dims * np.log(2))
+  expected = {"bpd": loss, **{f"bpd_{k}": terms[k] for k in ("prior", "reconstruction",
+                                                                "diffusion")}}
+  for name, value in expected.items():  # float32, fused differently with the gradient
+    np.testing.assert_allclose(metrics[name], np.mean(value) * to_bpd, rtol=1e-5, err_msg=name)
+  assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
   assert metrics["gamma_0"] < metrics["gamma_1"]
   np.testing.assert_allclose(metrics["learning_rate"], 0.0)  # warm-up starts at 0
-  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+  assert jax.tree.structure(before.params) == jax.tree.structure(state.params)
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params),
                                                        jax.tree.leaves(state.params), strict=True)]
   assert not any(changed)  # lr 0 at step 0: AdamW leaves params as they were
   state, _ = setup.train_step(state, setup.global_batch(batch))
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params),
                                                        jax.tree.leaves(state.params), strict=True))
 
 
@@ -150,24 +158,21 @@ def test_training_writes_checkpoints_events_samples_and_gamma_plot(trained):
 def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
     trained, tmp_path, monkeypatch):
   config, workdir, expected_metrics = trained
-  original_next = data.TrainIterator.__next__
-  calls = []
+  def crash_at_the_13th_batch(n, batch):
+    if n == 12:
+      raise KeyboardInterrupt("simulated preemption after 12 batches")
+    return batch
 
-  def next_until_crash(self):
-    if len(calls) == 12:
-      raise KeyboardInterrupt("simulated preemption after 12 steps")
-    calls.append(1)
-    return original_next(self)
-
-  monkeypatch.setattr(data.TrainIterator, "__next__", next_until_crash)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path))
+  with monkeypatch.context() as patch:
+    hook_train_batches(patch, crash_at_the_13th_batch)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "5"]
-  monkeypatch.setattr(data.TrainIterator, "__next__", original_next)
   metrics = train.train_and_evaluate(config, str(tmp_path))
   step, resumed, position = _final_state(config, str(tmp_path))
   _, uninterrupted, expected_position = _final_state(config, workdir)
   assert step == 20 and position == expected_position
+  assert jax.tree.structure(resumed) == jax.tree.structure(uninterrupted)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert metrics == expected_metrics
