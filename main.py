@@ -41,6 +41,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with auto-detection.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "--mode=eval only: evaluate this google-research/vdm clu checkpoint "
+    "directory (ckpt-N.flax files; local or gs://) instead of the newest one in --workdir.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume training even though the config differs from workdir/config.json in fields "
@@ -66,13 +69,16 @@ def main(argv):
     config.to_dict()  # a file that failed to load raises here
   except OSError as err:  # config_flags loads the file lazily and chains the cause
     sys.exit("error: cannot load the --config file: " + " ".join(str(err.__cause__ or err).split()))
+  if _CHECKPOINT.value and _MODE.value != "eval":
+    sys.exit("error: --checkpoint names a checkpoint to evaluate; use it with --mode=eval")
   from vdm_jax import train  # pylint: disable=g-import-not-at-top
   _initialize_distributed()
   logging.info("JAX process %d of %d, %d devices: %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices())
   run = {"train": functools.partial(train.train_and_evaluate,
                                    allow_config_change=_ALLOW_CONFIG_CHANGE.value),
-         "eval": train.evaluate, "sample": train.sample}[_MODE.value]
+         "eval": functools.partial(train.evaluate, checkpoint=_CHECKPOINT.value),
+         "sample": train.sample}[_MODE.value]
   # A preemption's SIGTERM unwinds like an exception: pending checkpoint writes
   # finish and the workdir lock is released (SIGKILL leaves a stale lock that
   # the next run on this host takes over).

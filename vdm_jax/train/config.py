@@ -15,11 +15,13 @@ import optax
 
 from vdm_jax import _numerics
 from vdm_jax import model as model_lib
+from vdm_jax import ode_likelihood
 from vdm_jax.train import data
 from vdm_jax.train import step
 from vdm_jax.train.errors import ConfigError
 
 SAMPLERS = ("ancestral", "ddim", "ode")
+EVAL_METHODS = ("elbo", "ode")
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -67,6 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
       num_examples=0,          # 0 = the whole test split
       num_time_samples=1,      # K antithetic time samples per example (more: lower variance)
       checkpoint_step=-1,      # --mode=eval: -1 = newest checkpoint
+      method="elbo",           # elbo (the VDM bound) | ode (probability-flow ODE likelihood)
+      ode_dequantization="variational",  # ode: variational | truncated_normal | uniform
+      ode_rtol=1e-5,           # ode: the adaptive solver's relative and absolute tolerances
+      ode_atol=1e-5,
+      ode_num_probes=1,        # ode: Hutchinson probes per example
   ))
   config.sample = ml_collections.ConfigDict(dict(
       sampler="ancestral",     # ancestral | ddim | ode
@@ -109,6 +116,19 @@ def _validate_training(config):
   _require(_numerics.is_int(e.num_examples) and e.num_examples >= 0,
            f"eval.num_examples must be an integer >= 0 (0: all), got {e.num_examples!r}")
   _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+  _validate_eval_method(e)
+
+
+def _validate_eval_method(e):
+  _require(e.method in EVAL_METHODS, f"eval.method must be one of {EVAL_METHODS}, got "
+           f"{e.method!r}; set --config.eval.method")
+  _require(e.ode_dequantization in ode_likelihood.DEQUANTIZERS,
+           f"eval.ode_dequantization must be one of {tuple(ode_likelihood.DEQUANTIZERS)}, got "
+           f"{e.ode_dequantization!r}")
+  for name in ("ode_rtol", "ode_atol"):
+    _require(_is_number(e[name]) and e[name] > 0, f"eval.{name} must be > 0, got {e[name]!r}")
+  _require(_numerics.is_int(e.ode_num_probes) and e.ode_num_probes > 0,
+           f"eval.ode_num_probes must be a positive integer, got {e.ode_num_probes!r}")
 
 
 def _validate_data(config):

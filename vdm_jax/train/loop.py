@@ -9,7 +9,7 @@ process takes part in the computation and in checkpointing.
 import collections
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -31,6 +31,7 @@ PREFETCH_DEPTH = 2
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       on_metrics: Optional[Callable[[int, dict], None]] = None,
                        allow_config_change: bool = False) -> dict:
   """Trains (resuming from workdir/checkpoints if any), evaluates, samples.
 
@@ -43,6 +44,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: the run's ConfigDict (configs/*.py, or default_config() with overrides).
     workdir: checkpoints, logs, samples and plots go here.
+    on_metrics: optional callback(step, {name: float}) receiving what is logged: the
+      train/* means every training.log_every steps and the test/* metrics of each
+      evaluation (e.g. to plot learning curves in a notebook).
     allow_config_change: resume even when fields outside run_record.RESUMABLE changed
       (the change is logged and recorded).
 
@@ -53,11 +57,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sources = data.load_sources(config)
   setup = setup_lib.get_setup(config)
   if jax.process_index() != 0:  # the processes of one run share the workdir
-    return run(setup, sources, workdir, config=config,
+    return run(setup, sources, workdir, on_metrics, config=config,
                allow_config_change=allow_config_change)
   with lock.WorkdirLock(workdir):
-    return run(setup, sources, workdir, config=config,
+    return run(setup, sources, workdir, on_metrics, config=config,
                allow_config_change=allow_config_change)
+
+
+class _CallbackWriter:
+  """Duck-types a clu MetricWriter (for clu's MultiWriter): scalars go to a callback."""
+
+  def __init__(self, callback):
+    self._callback = callback
+
+  def write_scalars(self, step, scalars):
+    self._callback(int(step), {k: float(v) for k, v in scalars.items()})
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
 
 
 class _NonfiniteCounter:
@@ -188,6 +229,7 @@ class _Metrics:
     now = time.perf_counter()
     if self.clock is not None:
       rate = (step - self.clock[0]) / (now - self.clock[1])
+      scalars["train/steps_per_sec"] = rate  # training only: evaluations and saves excluded
       scalars.update(performance.utilisation(rate, self.flops_per_step))
     self.writer.write_scalars(step, scalars)
     self.pending, self.checked = [], 0
@@ -198,7 +240,8 @@ class _Metrics:
     self.clock = (step, time.perf_counter())
 
 
-def run(setup: setup_lib.Setup, sources: dict, workdir: str, *,
+def run(setup: setup_lib.Setup, sources: dict, workdir: str,
+        on_metrics: Optional[Callable[[int, dict], None]] = None, *,
         config: Optional[ml_collections.ConfigDict] = None,
         allow_config_change: bool = False) -> dict:
   """Trains to config.training.num_steps, resuming from the newest loadable checkpoint.
@@ -224,6 +267,8 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str, *,
   start, state, iterator = _start(setup, config, sources["train"], manager, workdir,
                                   allow_config_change)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+  if on_metrics is not None:
+    writer = metric_writers.MultiWriter([writer, _CallbackWriter(on_metrics)])
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   try:

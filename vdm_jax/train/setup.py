@@ -7,6 +7,7 @@ fold_in(state.rng, i), so a run's numbers do not depend on the device count and 
 resumed run repeats an uninterrupted one exactly.
 """
 import collections
+import functools
 import json
 from typing import Any, Optional
 
@@ -17,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vdm_jax import likelihood
+from vdm_jax import ode_likelihood
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
 from vdm_jax.train import performance
@@ -97,25 +99,41 @@ class Setup:
     loss, terms = self.model.loss(params, batch["image"], key, labels=labels, train=False)
     return loss, {name: terms[name] for name in ("prior", "reconstruction", "diffusion")}
 
+  @functools.cached_property
+  def _ode_loss(self):
+    e = self.config.eval
+    labels = lambda batch: batch["label"] if self.conditional else None
+    return ode_likelihood.ode_loss_fn(
+        lambda params, batch: self.model.eps_fn(params, labels=labels(batch)),
+        self.model.gamma_fn, dequantization=e.ode_dequantization,
+        vocab_size=self.model.config.vocab_size, num_probes=e.ode_num_probes, rtol=e.ode_rtol,
+        atol=e.ode_atol)
+
   def evaluate_params(self, params: Params, source: Any) -> dict[str, float]:
     """Test bits/dim of `params`: one deterministic pass over `source` (vdm_jax.likelihood).
 
-    Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so the number is
-    reproducible from the same params, data and config.
+    eval.method "elbo": the VDM bound with eval.num_time_samples antithetic times per
+    example (terms prior, reconstruction, diffusion). "ode": the probability-flow ODE
+    likelihood with eval.ode_dequantization (vdm_jax.ode_likelihood.ode_loss_fn; terms
+    prior, flow, dequantization, and reconstruction for the variational bound), one
+    sample per example. Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so
+    the number is reproducible from the same params, data and config.
 
     Returns:
-      dict of floats: "bpd", its "bpd_stderr", "bpd_<term>" for prior,
-      reconstruction and diffusion, and "num_examples".
+      dict of floats: "bpd", its "bpd_stderr", "bpd_<term>" for each term of the method,
+      and "num_examples".
     """
     e = self.config.eval
+    ode = e.method == "ode"
     batches = data.eval_batches(source, batch_size=e.batch_size, num_examples=e.num_examples)
-    result = likelihood.evaluate_bpd(self._eval_loss, batches,
+    result = likelihood.evaluate_bpd(self._ode_loss if ode else self._eval_loss, batches,
                                      jax.random.PRNGKey(self.config.seed + 1), params=params,
-                                     num_time_samples=e.num_time_samples, mesh=self.mesh)
-    metrics = {"bpd": result["bpd"], "bpd_stderr": result["bpd_stderr"],
-               "num_examples": result["num_examples"]}
-    metrics.update({f"bpd_{name}": result[name] for name in ("prior", "reconstruction",
-                                                              "diffusion")})
+                                     num_time_samples=1 if ode else e.num_time_samples,
+                                     mesh=self.mesh)
+    summary = ("bpd", "bpd_stderr", "nats", "num_examples")
+    metrics = {name: result[name] for name in ("bpd", "bpd_stderr", "num_examples")}
+    metrics.update({f"bpd_{name}": value for name, value in result.items()
+                    if name not in summary})
     return metrics
 
 
