@@ -33,7 +33,7 @@ def _save_steps(directory, states, steps, max_to_keep):
 
 
 def test_restore_returns_newest_state_and_data_position_bit_exactly(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1641)
   states = [_state(rng) for _ in range(3)]
   _save_steps(tmp_path, states, (5, 10, 15), max_to_keep=5)
   manager = checkpoints.make_manager(tmp_path, max_to_keep=5)
@@ -47,13 +47,13 @@ def test_restore_returns_newest_state_and_data_position_bit_exactly(tmp_path):
 
 
 def test_only_the_last_k_checkpoints_are_kept(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1642)
   _save_steps(tmp_path, [_state(rng) for _ in range(4)], (1, 2, 3, 4), max_to_keep=2)
   assert sorted(os.listdir(tmp_path)) == ["3", "4"]
 
 
 def test_saving_an_existing_step_is_refused_and_keeps_the_first(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1643)
   first, second = _state(rng), _state(rng)
   manager = checkpoints.make_manager(tmp_path)
   assert checkpoints.save(manager, 7, first, {})
@@ -65,7 +65,7 @@ def test_saving_an_existing_step_is_refused_and_keeps_the_first(tmp_path):
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous_with_warning(tmp_path, caplog):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1644)
   states = [_state(rng) for _ in range(2)]
   _save_steps(tmp_path, states, (5, 10), max_to_keep=3)
   for root, _, files in os.walk(tmp_path / "10"):
@@ -83,7 +83,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_with_warning(tmp_path,
 
 def test_missing_named_step_and_empty_directory(tmp_path):
   manager = checkpoints.make_manager(tmp_path)
-  assert checkpoints.restore(manager, _abstract(_state(np.random.default_rng()))) is None
+  assert checkpoints.restore(manager, _abstract(_state(np.random.default_rng(1645)))) is None
   with pytest.raises(ValueError, match="no checkpoint for step 3"):
     checkpoints.restore(manager, {}, step=3)
   manager.close()

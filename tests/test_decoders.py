@@ -7,8 +7,16 @@ from scipy import special
 
 from vdm_jax import decoders
 from vdm_jax import losses
+from seeding import seed_of
 
-rng = np.random.default_rng()
+rng = np.random.default_rng(0)  # reseeded per test by _seed_per_test
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+  """Every test draws from its own fixed seed (seeding.seed_of), whatever ran before it."""
+  global rng
+  rng = np.random.default_rng(seed_of(request))
 
 
 def test_encoders_map_values_to_bin_centres_and_to_the_ddpm_range():

@@ -8,12 +8,23 @@ from vdm_jax.sampling import editing
 from vdm_jax.sampling import guidance
 from vdm_jax import schedules
 from vdm_jax.testing import gaussian_mixture
+from seeding import seed_of
 
 GAMMA_FN = schedules.fixed_linear()
 
 
+rng = np.random.default_rng(0)  # reseeded per test by _seed_per_test
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+  """Every test draws from its own fixed seed (seeding.seed_of), whatever ran before it."""
+  global rng
+  rng = np.random.default_rng(seed_of(request))
+
+
 def _fresh_key():
-  return jax.random.PRNGKey(np.random.SeedSequence().entropy % (2**31))
+  return jax.random.PRNGKey(rng.integers(2**31))
 
 
 def _cond_eps_fn(z, gamma, labels):

@@ -11,8 +11,16 @@ from vdm_jax import gaussian
 from vdm_jax import losses
 from vdm_jax import schedules
 from vdm_jax import weighted_losses
+from seeding import seed_of
 
-rng = np.random.default_rng()
+rng = np.random.default_rng(0)  # reseeded per test by _seed_per_test
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+  """Every test draws from its own fixed seed (seeding.seed_of), whatever ran before it."""
+  global rng
+  rng = np.random.default_rng(seed_of(request))
 S = 0.8  # std of the Gaussian "data" x ~ N(0, S^2 I)
 
 

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from vdm_jax import schedules
+from seeding import seed_of
 
-rng = np.random.default_rng()
+rng = np.random.default_rng(0)  # reseeded per test by _seed_per_test
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+  """Every test draws from its own fixed seed (seeding.seed_of), whatever ran before it."""
+  global rng
+  rng = np.random.default_rng(seed_of(request))
 
 
 def test_alpha_sq_plus_sigma_sq_is_one_and_snr_is_exp_minus_gamma_for_gamma_in_pm30():

@@ -32,7 +32,7 @@ def _variance_loss(phi, ends, theta, f, t, eps):
 
 
 def test_shape_gradient_is_finite_difference_of_second_moment_and_other_gradients_are_unchanged():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1631)
   with jax.enable_x64(True):
     f = jnp.asarray(rng.uniform(-1, 1, (B, 2, 2, 1)))
     eps = jnp.asarray(rng.standard_normal((B, 2, 2, 1)))
@@ -60,7 +60,7 @@ def test_shape_gradient_is_finite_difference_of_second_moment_and_other_gradient
 
 
 def test_variance_minimising_vdm_loss_matches_vdm_loss_in_value_and_network_gradient():
-  key_x, key = jax.random.split(jax.random.PRNGKey(np.random.randint(2**31)))
+  key_x, key = jax.random.split(jax.random.PRNGKey(1630))
   x = jax.random.randint(key_x, (4, 4, 4, 3), 0, 256)
   phi, ends, theta = jnp.asarray([0.7, 0.2]), jnp.asarray([-10.0, 4.0]), jnp.asarray([0.3, -0.2, 0.1])
 
