@@ -22,7 +22,7 @@ from vdm_jax.typing import PRNGKey
 
 
 def _check_vocab(vocab_size):
-  if not (isinstance(vocab_size, (int, np.integer)) and not isinstance(vocab_size, bool) and vocab_size >= 2):
+  if not (_numerics.is_int(vocab_size) and vocab_size >= 2):
     raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
 
 

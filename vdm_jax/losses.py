@@ -165,7 +165,7 @@ def vdm_loss_from_noise(eps_fn: EpsFn, gamma_fn: GammaFn, x: ArrayLike, t: Array
     gamma_t, gamma_s = gamma_fn(t), gamma_fn(s)
     eps_hat = eps_fn(gaussian.sample_forward(f, gamma_t, eps), gamma_t)
     terms["diffusion"] = discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, num_steps)
-  return _total(terms), terms
+  return bound_from_terms(terms), terms
 
 
 def eps_prediction(eps_fn: EpsFn, gamma_fn: GammaFn, f: ArrayLike, t: ArrayLike,
@@ -207,8 +207,8 @@ def _endpoint_terms(x, f, gamma_0, gamma_1, eps0, vocab_size):
           "reconstruction": reconstruction_loss(x, z_0, gamma_0, vocab_size)}
 
 
-def _total(terms):
-  """The bound: prior + reconstruction + diffusion, [B] nats."""
+def bound_from_terms(terms: Terms) -> jax.Array:
+  """The VDM bound from its terms: prior + reconstruction + diffusion, [B] nats."""
   return terms["prior"] + terms["reconstruction"] + terms["diffusion"]
 
 
@@ -412,7 +412,7 @@ def variance_minimising_vdm_loss_from_noise(eps_fn: EpsFn, gamma_0: ArrayLike, g
   terms = _endpoint_terms(x, f, gamma_0, gamma_1, eps0, vocab_size)
   terms["diffusion"] = variance_minimising_diffusion_loss(eps_fn, gamma_0, gamma_1, shape_fn, f, t,
                                                           eps)
-  return _total(terms), terms
+  return bound_from_terms(terms), terms
 
 
 def variance_minimising_vdm_loss(eps_fn: EpsFn, gamma_0: ArrayLike, gamma_1: ArrayLike,

@@ -15,6 +15,7 @@ from jax.typing import ArrayLike
 import numpy as np
 import numpy.typing as npt
 
+from vdm_jax import _numerics
 from vdm_jax.typing import GammaFn
 
 
@@ -130,7 +131,7 @@ def ddpm_betas(kind: str, num_steps: int, *, beta_start: float = 1e-4, beta_end:
   Returns:
     numpy float64 array [T] of betas in (0, 1).
   """
-  if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
+  if not (_numerics.is_int(num_steps) and num_steps >= 1):
     raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
   if not 0.0 < beta_start <= beta_end < 1.0:
     raise ValueError(f"expected 0 < beta_start <= beta_end < 1, got {beta_start=}, {beta_end=}")

@@ -205,7 +205,7 @@ def vdm_loss_from_noise(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.typing.ArrayLik
   _, terms = losses.vdm_loss_from_noise(eps_fn, gamma_fn, x, t, eps, eps0, num_steps=0,
                                         vocab_size=vocab_size)
   terms["diffusion"] = terms["diffusion"] * importance_weights(proposal, t)
-  return terms["prior"] + terms["reconstruction"] + terms["diffusion"], terms
+  return losses.bound_from_terms(terms), terms
 
 
 def vdm_loss(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.typing.ArrayLike, key: PRNGKey,

@@ -6,7 +6,7 @@ from gamma_t, the conditioning scalar and labels -> adaLN final layer ->
 unpatchify. All adaLN modulations and the output layer are zero
 initialised, so every block starts as the identity and eps_hat = 0 at init.
 """
-from typing import Any, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 
 from vdm_jax.nets import layers
 
-Dtype = Any
+Dtype = layers.Dtype
 
 
 def sincos_position_embedding(grid_h: int, grid_w: int, dim: int) -> np.ndarray:

@@ -6,7 +6,7 @@ n_layer + 1 up blocks fed with skip connections -> GroupNorm -> swish ->
 conv_out. It predicts eps with the input added back ("base measure"):
 eps_hat = z + conv_out(...). Kingma et al. 2021, appendix B.
 """
-from typing import Any, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,7 @@ from jax.typing import ArrayLike
 
 from vdm_jax.nets import layers
 
-Dtype = Any
+Dtype = layers.Dtype
 
 
 class ScoreUNet(nn.Module):

@@ -14,7 +14,7 @@ compute in that dtype; the residual stream, the resampling, the 1x1
 shortcuts, the normalisations and the conditioning stay float32.
 """
 import math
-from typing import Any, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ from jax.typing import ArrayLike
 
 from vdm_jax.nets import layers
 
-Dtype = Any
+Dtype = layers.Dtype
 
 
 def num_groups(channels: int) -> int:

@@ -3,6 +3,7 @@ Langevin corrector at fixed gamma with a target signal-to-noise ratio."""
 import jax
 import jax.numpy as jnp
 
+from vdm_jax import _numerics
 from vdm_jax import gaussian
 from vdm_jax import schedules
 from vdm_jax.sampling import ancestral
@@ -19,7 +20,7 @@ def _langevin(eps_fn, z, gamma, key, num_corrector_steps, snr):
   sigma = schedules.sigma(gaussian.broadcast_to_data(gamma, z.ndim))
 
   def norm(v):
-    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=-1)))
+    return jnp.mean(jnp.sqrt(_numerics.sum_per_example(jnp.square(v))))
 
   def body(j, z):
     score = -eps_fn(z, gamma) / sigma
