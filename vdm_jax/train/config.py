@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from vdm_jax import _numerics
+from vdm_jax import ema
 from vdm_jax import model as model_lib
 from vdm_jax import ode_likelihood
 from vdm_jax.train import data
@@ -54,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,      # global-norm clipping; 0 disables it
       accumulation_steps=1,    # >1: optax.MultiSteps over that many batches
       ema_decay=0.9999,
+      # Power-function EMAs (Karras et al. 2024) kept for post-hoc EMA: their relative
+      # widths, each in (0, 12^-1/2]; () disables them (and the snapshots).
+      power_ema_sigma_rels=ema.DEFAULT_SIGMA_RELS,
   ))
   config.training = ml_collections.ConfigDict(dict(
       batch_size=128,          # global batch over all devices and hosts
@@ -63,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
       checkpoint_every=10_000,
       keep_checkpoints=3,
       max_nonfinite_steps=10,  # stop after this many non-finite steps in a row (each is skipped)
+      ema_snapshot_every=0,    # optimizer updates between power-EMA snapshots; 0: at checkpoints
   ))
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=128,
@@ -74,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
       ode_rtol=1e-5,           # ode: the adaptive solver's relative and absolute tolerances
       ode_atol=1e-5,
       ode_num_probes=1,        # ode: Hutchinson probes per example
+      # --mode=eval: also reconstruct and evaluate the post-hoc EMA of each of these widths
+      # from the power-EMA snapshots, e.g. (0.02, 0.05, 0.08, 0.1, 0.15, 0.2); () = none.
+      posthoc_sigma_rels=(),
   ))
   config.sample = ml_collections.ConfigDict(dict(
       sampler="ancestral",     # ancestral | ddim | ode
@@ -157,6 +165,31 @@ def _validate_optimizer(config):
            f"optimizer.accumulation_steps must be an integer >= 1, got {o.accumulation_steps!r}")
   _require(o.decay in ("constant", "cosine"),
            f"optimizer.decay must be 'constant' or 'cosine', got {o.decay!r}")
+  _check_sigma_rels("optimizer.power_ema_sigma_rels", o.power_ema_sigma_rels)
+
+
+def _check_sigma_rels(name, values):
+  """A tuple of distinct EMA widths in (0, ema.MAX_SIGMA_REL]."""
+  _require(isinstance(values, (tuple, list)) and all(_is_number(v) for v in values),
+           f"{name} must be a tuple of numbers, got {values!r}; e.g. --config.{name}='(0.05, 0.1)'")
+  for v in values:
+    _require(0.0 < v <= ema.MAX_SIGMA_REL, f"{name} has {v}, outside (0, "
+             f"{ema.MAX_SIGMA_REL:.4f}] (12^-1/2: the average of all steps); set --config.{name}")
+  _require(len(set(values)) == len(values),
+           f"{name}={tuple(values)} repeats a width; list each once")
+
+
+def _validate_power_ema(config):
+  o, t, e = config.optimizer, config.training, config.eval
+  _require(_numerics.is_int(t.ema_snapshot_every) and t.ema_snapshot_every >= 0,
+           f"training.ema_snapshot_every must be an integer >= 0 (optimizer updates between "
+           f"snapshots; 0: at every checkpoint), got {t.ema_snapshot_every!r}")
+  _check_sigma_rels("eval.posthoc_sigma_rels", e.posthoc_sigma_rels)
+  _require(not e.posthoc_sigma_rels or o.power_ema_sigma_rels,
+           "eval.posthoc_sigma_rels needs power-EMA snapshots, but "
+           "optimizer.power_ema_sigma_rels is (); train with e.g. "
+           "--config.optimizer.power_ema_sigma_rels='(0.05, 0.1)' or set "
+           "--config.eval.posthoc_sigma_rels='()'")
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -165,6 +198,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   _validate_data(config)
   _validate_training(config)
   _validate_optimizer(config)
+  _validate_power_ema(config)
   create_model(config)  # ModelConfig checks its own fields
   for name in ("training.batch_size", "eval.batch_size"):
     value = config[name.split(".")[0]].batch_size
@@ -189,6 +223,11 @@ def create_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
     raise ConfigError(f"config.model must hold exactly ModelConfig's fields: {err}") from None
   except ValueError as err:
     raise ConfigError(str(err)) from None
+
+
+def power_ema_gammas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """Exponents gamma_k of optimizer.power_ema_sigma_rels (EDM2 eq. 126), on the host, once."""
+  return tuple(ema.sigma_rel_to_gamma(s) for s in config.optimizer.power_ema_sigma_rels)
 
 
 def optimizer_from_config(config: ml_collections.ConfigDict

@@ -6,7 +6,7 @@ Only process 0 writes files.
 """
 import functools
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
@@ -21,6 +21,7 @@ from vdm_jax.train import artifacts
 from vdm_jax.train import checkpoints
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
+from vdm_jax.train import ema_snapshots
 from vdm_jax.train import setup as setup_lib
 from vdm_jax.train import step as step_lib
 from vdm_jax.train.errors import CheckpointError
@@ -51,11 +52,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       holding ckpt-N.flax; vdm_jax.reference.load_clu_checkpoint), read with the config's
       model and validated leaf by leaf.
 
+  With eval.posthoc_sigma_rels, also the post-hoc EMA of each width (evaluate_posthoc).
+
   Returns:
-    {"step": int (-1 for a clu checkpoint), "bpd", "bpd_stderr", "bpd_<term>", "num_examples"}.
+    {"step": int (-1 for a clu checkpoint), "bpd", "bpd_stderr", "bpd_<term>", "num_examples"}
+    of the classic EMA params, plus "posthoc" (evaluate_posthoc's dict) with
+    eval.posthoc_sigma_rels.
   """
   config_lib.validate_config(config, workdir)
   source = data.load_sources(config, ("test",))["test"]
+  if checkpoint and config.eval.posthoc_sigma_rels:
+    raise ConfigError("eval.posthoc_sigma_rels reconstructs from the power-EMA snapshots of "
+                      "--workdir, which --checkpoint does not have; set "
+                      "--config.eval.posthoc_sigma_rels='()'")
   if checkpoint:
     setup, step = setup_lib.get_setup(config), -1
     try:
@@ -72,7 +81,92 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   metrics = setup.evaluate_params(params, source)
   logging.info("%s: test bits/dim %.6f (%s)", checkpoint or f"step {step}", metrics["bpd"],
                metrics)
-  return {"step": step, **metrics}
+  result = {"step": step, **metrics}
+  if config.eval.posthoc_sigma_rels:
+    result["posthoc"] = evaluate_posthoc(setup, workdir, source, config.eval.posthoc_sigma_rels,
+                                         ema_metrics=metrics)
+  return result
+
+
+def posthoc_ema_params(config: ml_collections.ConfigDict, workdir: str, sigma_rel: float, *,
+                       step: Optional[int] = None) -> Params:
+  """The post-hoc EMA of width sigma_rel (Karras et al. 2024), from workdir's snapshots.
+
+    params = sum_i w_i snapshot_i,  w = vdm_jax.ema.posthoc_weights(snapshots, sigma_rel)
+  over every stored (t_i, gamma_i) (ema_snapshots.reconstruct_sweep).
+
+  Args:
+    config: the run's ConfigDict.
+    workdir: the run's folder (holding ema_snapshots/).
+    sigma_rel: target relative width, in (0, vdm_jax.ema.MAX_SIGMA_REL].
+    step: target update count, one of the snapshot steps; None: the newest.
+
+  Returns:
+    a param tree like TrainState.params (replicated over the mesh).
+  """
+  config_lib.validate_config(config, workdir)
+  setup = setup_lib.get_setup(config)
+  return _reconstruct(setup, workdir, [sigma_rel], step)["params"][0]
+
+
+def _reconstruct(setup, workdir, sigma_rels, step):
+  if not os.path.isdir(os.path.join(os.path.abspath(workdir), ema_snapshots.DIRECTORY)):
+    raise CheckpointError(f"no EMA snapshots in {workdir}/{ema_snapshots.DIRECTORY}; train "
+                          f"with optimizer.power_ema_sigma_rels set")
+  store = ema_snapshots.make_store(workdir, create=False)
+  try:
+    return ema_snapshots.reconstruct_sweep(store, setup.abstract_state().params, sigma_rels,
+                                           step=step)
+  finally:
+    store.close()
+
+
+def evaluate_posthoc(setup: setup_lib.Setup, workdir: str, source: Any,
+                     sigma_rels: Sequence[float], *, step: Optional[int] = None,
+                     ema_metrics: Optional[dict] = None) -> dict[str, Any]:
+  """Test bits/dim of the post-hoc EMA of each width at the newest (or given) snapshot step.
+
+  Reconstructs all widths in one pass over the snapshots (ema_snapshots.reconstruct_sweep),
+  evaluates each with setup.evaluate_params, and logs a table: sigma_rel, the profile's
+  relative L2 fit error, test bits/dim +- its standard error.
+
+  Args:
+    setup: the run's Setup.
+    workdir: the run's folder.
+    source: the test split (data.load_sources).
+    sigma_rels: M target widths.
+    step: target update count (a snapshot step); None: the newest.
+    ema_metrics: the classic EMA's evaluate_params metrics, logged for comparison.
+
+  Returns:
+    {"snapshot_step": t, "num_snapshots": N profiles, "widths": [M dicts with "sigma_rel",
+     "fit_error", "bpd", "bpd_stderr"], "best_sigma_rel", "best_bpd", "best_bpd_stderr",
+     and "ema_bpd" when ema_metrics is given}.
+  """
+  sweep = _reconstruct(setup, workdir, sigma_rels, step)
+  widths = []
+  for sigma_rel, fit, params in zip(sigma_rels, sweep["fit_errors"], sweep["params"],
+                                    strict=True):
+    metrics = setup.evaluate_params(params, source)
+    widths.append({"sigma_rel": float(sigma_rel), "fit_error": float(fit),
+                   "bpd": metrics["bpd"], "bpd_stderr": metrics["bpd_stderr"]})
+  best = min(widths, key=lambda w: w["bpd"])
+  result = {"snapshot_step": sweep["step"], "num_snapshots": len(sweep["snapshots"]),
+            "widths": widths, "best_sigma_rel": best["sigma_rel"], "best_bpd": best["bpd"],
+            "best_bpd_stderr": best["bpd_stderr"]}
+  lines = [f"post-hoc EMA at update {sweep['step']} from {len(sweep['snapshots'])} snapshot "
+           f"profiles, test bits/dim ({setup.config.eval.method}):",
+           f"  {'sigma_rel':>9}  {'fit error':>9}  {'bits/dim':>10}  {'+- stderr':>9}"]
+  lines += [f"  {w['sigma_rel']:9.4f}  {w['fit_error']:9.2e}  {w['bpd']:10.5f}  "
+            f"{w['bpd_stderr']:9.5f}" for w in widths]
+  lines.append(f"  best: sigma_rel {best['sigma_rel']:.4f}, {best['bpd']:.5f} +- "
+               f"{best['bpd_stderr']:.5f} bits/dim")
+  if ema_metrics is not None:
+    result["ema_bpd"] = ema_metrics["bpd"]
+    lines.append(f"  classic EMA (optimizer.ema_decay={setup.config.optimizer.ema_decay}): "
+                 f"{ema_metrics['bpd']:.5f} +- {ema_metrics['bpd_stderr']:.5f} bits/dim")
+  logging.info("\n".join(lines))
+  return result
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -19,6 +19,7 @@ import ml_collections
 from vdm_jax.train import checkpoints
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
+from vdm_jax.train import ema_snapshots
 from vdm_jax.train import inference
 from vdm_jax.train import lock
 from vdm_jax.train import performance
@@ -148,6 +149,38 @@ def _save(manager, step, state, data_state):
     raise
 
 
+class _Snapshots:
+  """Writes the power-EMA snapshots (vdm_jax.train.ema_snapshots) of one run."""
+
+  def __init__(self, config, workdir):
+    o, t = config.optimizer, config.training
+    self.sigma_rels, self.gammas = o.power_ema_sigma_rels, config_lib.power_ema_gammas(config)
+    self.due = lambda done, last: ema_snapshots.is_due(
+        done, every_updates=t.ema_snapshot_every, accumulation_steps=o.accumulation_steps,
+        checkpoint_every=t.checkpoint_every, last=last)
+    self.store = ema_snapshots.make_store(workdir) if self.sigma_rels else None
+
+  def save(self, done, state):
+    try:
+      ema_snapshots.save(self.store, done, state, self.sigma_rels, self.gammas)
+    except Exception as err:  # pylint: disable=broad-except
+      _raise_if_disk_full(err, self.store)
+      raise
+
+  def wait(self):
+    """Waits for pending snapshot writes (before a checkpoint, so it never gets ahead)."""
+    if self.store is not None:
+      try:
+        self.store.wait_until_finished()
+      except Exception as err:  # pylint: disable=broad-except
+        _raise_if_disk_full(err, self.store)
+        raise
+
+  def close(self):
+    if self.store is not None:
+      self.store.close()
+
+
 def _raise_if_disk_full(err, manager):
   if checkpoints.is_disk_full(err):
     raise TrainingError(f"no disk space left to write a checkpoint in {manager.directory} "
@@ -271,11 +304,14 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str,
     writer = metric_writers.MultiWriter([writer, _CallbackWriter(on_metrics)])
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  snapshots = _Snapshots(config, workdir)
   try:
     if start < t.num_steps:
-      eval_metrics = _train(setup, sources, workdir, (start, state), iterator, manager, writer)
+      eval_metrics = _train(setup, sources, workdir, (start, state), iterator,
+                            (manager, snapshots), writer)
     else:
       eval_metrics = setup.evaluate_params(state.ema_params, sources["test"])
+    snapshots.wait()
     try:
       manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
@@ -283,16 +319,23 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str,
       raise
   finally:
     iterator.close()
+    snapshots.close()
     manager.close()
     writer.flush()
   return eval_metrics
 
 
-def _train(setup, sources, workdir, start_state, iterator, manager, writer):
-  """The steps from start to training.num_steps, with their logs, evaluations and saves."""
+def _train(setup, sources, workdir, start_state, iterator, stores, writer):
+  """The steps from start to training.num_steps, with their logs, evaluations and saves.
+
+  stores: (checkpoint manager, _Snapshots). A snapshot due at a checkpoint step is written
+  first, and pending snapshots are finished before each checkpoint: a checkpoint never
+  gets ahead of the snapshots, so a resumed run writes every snapshot once.
+  """
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   t = setup.config.training
   start, state = start_state
+  manager, snapshots = stores
   baseline = data.categorical_baseline(sources, setup.config.model.vocab_size)
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
                                            every_steps=t.log_every)
@@ -310,16 +353,20 @@ def _train(setup, sources, workdir, start_state, iterator, manager, writer):
     last = done == t.num_steps
     evaluate = (t.eval_every and done % t.eval_every == 0) or last
     save = done % t.checkpoint_every == 0 or last
+    snapshot = snapshots.store is not None and snapshots.due(done, last)
     if done % t.log_every == 0 or last:
       metrics.write(done)
-    if evaluate or save:
+    if evaluate or save or snapshot:
       metrics.check_nonfinite()
     if evaluate:
       with report.timed("eval"):
         eval_metrics = inference.evaluate_and_draw(setup, state, sources["test"], done,
                                                    workdir, writer, baseline)
+    if snapshot:
+      snapshots.save(done, state)
     if save:
+      snapshots.wait()
       _save(manager, done, state, data_state)
-    if evaluate or save:
+    if evaluate or save or snapshot:
       metrics.restart_clock(done)
   return eval_metrics

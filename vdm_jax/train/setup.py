@@ -53,7 +53,8 @@ class Setup:
       x = jnp.zeros((1, *self.image_shape), jnp.int32)
       labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
       params = self.model.init(key, x, labels)
-      return step_lib.create(params, self.tx, self.config.seed)
+      return step_lib.create(params, self.tx, self.config.seed,
+                             num_power_emas=len(self.config.optimizer.power_ema_sigma_rels))
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
     return jax.jit(init, out_shardings=self.replicated)(key)
 
@@ -71,7 +72,8 @@ class Setup:
       o = self.config.optimizer
       step_fn = step_lib.make_train_step(self.model, self.tx, self.schedule,
                                          ema_decay=o.ema_decay,
-                                         accumulation_steps=o.accumulation_steps)
+                                         accumulation_steps=o.accumulation_steps,
+                                         power_ema_gammas=config_lib.power_ema_gammas(self.config))
       self._train_step = jax.jit(step_fn, donate_argnums=0,
                                  in_shardings=(self.replicated, self.batch_sharding),
                                  out_shardings=(self.replicated, self.replicated))

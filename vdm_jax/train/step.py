@@ -11,13 +11,14 @@ noise-schedule ("gamma") parameters. Values are checked once, by
 vdm_jax.train.config, before anything here runs.
 """
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from vdm_jax import ema as ema_lib
 from vdm_jax import losses
 from vdm_jax import model as model_lib
 from vdm_jax.typing import Params
@@ -31,12 +32,15 @@ class TrainState:
   params, ema_params: model parameters and their exponential moving average.
   opt_state: optax state.
   rng: uint32 [2] base key; step i uses fold_in(rng, i).
+  power_emas: tuple of K param trees, the power-function EMAs of EDM2 (vdm_jax.ema), one
+    per optimizer.power_ema_sigma_rels; () when disabled.
   """
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
   rng: jax.Array
+  power_emas: tuple = ()
 
 
 def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, decay: str = "constant",
@@ -115,21 +119,48 @@ def ema_update(ema_params: Params, params: Params, decay: float | jax.Array) -> 
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def create(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """A fresh TrainState at step 0 (EMA starts at the initial params, rng = PRNGKey(seed))."""
+def power_ema_update(power_emas: tuple, params: Params, count: jax.Array,
+                     gammas: Sequence[float]) -> tuple:
+  """emas[k] <- vdm_jax.ema.update(emas[k], params, count, gammas[k]) for each k.
+
+  beta_t = (1 - 1/t)^(gamma_k + 1) with t = count, the applied optimizer updates including
+  this one (t = 1 copies params).
+
+  Args:
+    power_emas: K param trees.
+    params: the params after update t.
+    count: t, int32 scalar >= 1 (update_count of the new optimizer state).
+    gammas: K exponents, Python floats (computed once on the host).
+
+  Returns:
+    the K new EMAs, a tuple.
+  """
+  return tuple(ema_lib.update(e, params, count, g)
+               for e, g in zip(power_emas, gammas, strict=True))
+
+
+def create(params: Params, tx: optax.GradientTransformation, seed: int, *,
+           num_power_emas: int = 0) -> TrainState:
+  """A fresh TrainState at step 0 (EMAs start at the initial params, rng = PRNGKey(seed)).
+
+  num_power_emas: K, the power-function EMAs to track (their first update overwrites them).
+  """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
-                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed),
+                    power_emas=tuple(jax.tree.map(jnp.copy, params)
+                                     for _ in range(num_power_emas)))
 
 
 def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, schedule: Callable, *,
-                    ema_decay: float, accumulation_steps: int = 1
+                    ema_decay: float, accumulation_steps: int = 1,
+                    power_ema_gammas: Sequence[float] = ()
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics of scalars), pure (jit it).
 
   batch: {"image": int [B, H, W, C], optionally "label": int [B] when the model is
   class-conditional}. A step whose loss or gradient has a NaN/Inf returns params,
-  EMA params and optimizer state unchanged (bitwise) and metrics["nonfinite"] = 1
+  EMA params, power EMAs and optimizer state unchanged (bitwise) and metrics["nonfinite"] = 1
   (else 0); state.step still advances, so the batch is consumed and the step
   numbering and data position stay those of an uninterrupted run.
 
@@ -139,8 +170,11 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
     schedule: its learning-rate schedule over optimizer updates (for the metrics).
     ema_decay: in [0, 1); 0 makes the EMA the params themselves.
     accumulation_steps: micro-batches per optimizer update (tx wraps optax.MultiSteps).
+    power_ema_gammas: exponents of the power-function EMAs in state.power_emas (Python
+      floats, from vdm_jax.ema.sigma_rel_to_gamma); each follows applied updates only.
   """
-  apply_update = functools.partial(_apply_update, tx, ema_decay, accumulation_steps)
+  gammas = tuple(float(g) for g in power_ema_gammas)
+  apply_update = functools.partial(_apply_update, tx, ema_decay, accumulation_steps, gammas)
 
   def train_step(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
@@ -157,9 +191,9 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
     # leaf made XLA copy the reduction into every leaf's fusion: minutes of compile time).
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(bpd) & jnp.isfinite(grad_norm)
-    params, ema, opt_state = jax.lax.cond(
+    params, ema, opt_state, power_emas = jax.lax.cond(
         finite, functools.partial(apply_update, grads), lambda *unchanged: unchanged,
-        state.params, state.ema_params, state.opt_state)
+        state.params, state.ema_params, state.opt_state, state.power_emas)
     gamma_fn = model.gamma_fn(params)
     metrics = {"bpd": bpd, "grad_norm": jnp.where(finite, grad_norm, 0.0),
                "learning_rate": schedule(update_count(state.opt_state)),
@@ -169,25 +203,34 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
     for name in ("prior", "reconstruction", "diffusion"):
       metrics[f"bpd_{name}"] = jnp.mean(losses.bits_per_dim(terms[name], model.num_dims))
     return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                         opt_state=opt_state), metrics
+                         opt_state=opt_state, power_emas=power_emas), metrics
 
   return train_step
 
 
-def _apply_update(tx, ema_decay, accumulation_steps, grads, params, ema, opt_state):
-  """One optimizer update (a micro-batch with accumulation) and the EMA after it.
+def _apply_update(tx, ema_decay, accumulation_steps, gammas, grads, params, ema, opt_state,
+                  power_emas):
+  """One optimizer update (a micro-batch with accumulation) and the EMAs after it.
 
-  With accumulation the parameters move, and the EMA follows, only when optax.MultiSteps
+  With accumulation the parameters move, and the EMAs follow, only when optax.MultiSteps
   applies its averaged update; a skipped (non-finite) micro-batch never reaches
-  MultiSteps, so it does not shift the accumulation window.
+  MultiSteps, so it does not shift the accumulation window. The power EMAs take the
+  count of applied updates after this one as their t (EDM2 eq. 127).
   """
   updates_before = update_count(opt_state)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  if ema_decay == 0.0:  # no averaging: the EMA is the params themselves
-    return params, params, opt_state
+  count = update_count(opt_state)
   if accumulation_steps == 1:
-    return params, ema_update(ema, params, ema_decay), opt_state
-  applied = update_count(opt_state) > updates_before
+    power_emas = power_ema_update(power_emas, params, count, gammas)
+  elif power_emas:
+    power_emas = jax.lax.cond(count > updates_before,
+                              lambda e: power_ema_update(e, params, count, gammas),
+                              lambda e: e, power_emas)
+  if ema_decay == 0.0:  # no averaging: the EMA is the params themselves
+    return params, params, opt_state, power_emas
+  if accumulation_steps == 1:
+    return params, ema_update(ema, params, ema_decay), opt_state, power_emas
+  applied = count > updates_before
   ema = jax.lax.cond(applied, lambda e: ema_update(e, params, ema_decay), lambda e: e, ema)
-  return params, ema, opt_state
+  return params, ema, opt_state, power_emas
