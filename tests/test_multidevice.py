@@ -35,7 +35,7 @@ def run(out):
   config = tiny_config()
   setup = train.get_setup(config)
   state = setup.init_state()
-  iterator = data.TrainIterator(data.load_digits("train"), batch_size=8, seed=0)
+  iterator = data.train_iterator(data.load_digits("train"), batch_size=8, seed=0)
   losses, learning_rates = [], []
   for _ in range(5):
     state, metrics = setup.train_step(state, setup.global_batch(next(iterator)))
