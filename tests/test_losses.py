@@ -56,11 +56,16 @@ def test_vdm_loss_draws_eps0_then_t_then_eps_and_sums_its_terms():
         eps_fn, gamma_fn, x, k, num_steps=num_steps, antithetic=antithetic))(x, key)  # noqa: B023 (called in this iteration)
     key_eps0, key_t, key_eps = jax.random.split(key, 3)
     t = losses.sample_times(key_t, 3, antithetic=antithetic)
-    expected, _ = jax.jit(functools.partial(losses.vdm_loss_from_noise, eps_fn, gamma_fn, num_steps=num_steps))(
+    expected, expected_terms = jax.jit(functools.partial(
+        losses.vdm_loss_from_noise, eps_fn, gamma_fn, num_steps=num_steps))(
         x, t, jax.random.normal(key_eps, x.shape), jax.random.normal(key_eps0, x.shape))
     assert loss.shape == (3,) and set(terms) == {"prior", "reconstruction", "diffusion"}
-    np.testing.assert_allclose(loss, terms["prior"] + terms["reconstruction"] + terms["diffusion"], rtol=1e-6)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Each term from its own draw. The decoder's log p moves by up to ~2e-5 nats per pixel
+    # when z_0 / alpha_0 moves by an ulp (1.2e-7, 1e-4 of its width sigma_0 / alpha_0 =
+    # 1.3e-3): 48 pixels, 1e-3 nats; another eps0 would change it by ~0.1.
+    for name, value in expected_terms.items():
+      np.testing.assert_allclose(terms[name], value, rtol=1e-5, atol=1e-3, err_msg=name)
 
 
 def test_antithetic_times_are_stratified_and_discrete_times_round_up():

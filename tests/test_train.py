@@ -54,7 +54,7 @@ def test_learning_rate_warms_up_linearly_then_cosine_decays_to_zero():
 
 
 def test_gradient_accumulation_equals_one_update_with_the_mean_gradient():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1660)
   params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
   g1, g2 = ({"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)} for _ in range(2))
   kwargs = dict(schedule=optax.constant_schedule(0.1), b1=0.9, b2=0.99, eps=1e-8,
@@ -111,7 +111,7 @@ def test_global_norm_clipping_rescales_a_large_gradient_before_adam(clip):
 
 
 def test_ema_update_is_the_convex_combination():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(1661)
   ema, params = rng.normal(size=5), rng.normal(size=5)
   np.testing.assert_allclose(step_lib.ema_update(ema, params, 0.9), 0.9 * ema + 0.1 * params)
 
