@@ -1,7 +1,9 @@
-"""Files the trainer writes for people: sample grids (PNG), GIFs, the gamma(t) plot."""
+"""Files the trainer writes for people: sample grids (PNG), GIFs, the gamma(t) plot, and
+the learning curve with the evaluation history it is drawn from (eval_history.jsonl)."""
+import json
 import math
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +69,60 @@ def save_gamma_plot(path: str, t: npt.ArrayLike, gamma: npt.ArrayLike, *,
   ax.set_ylabel("gamma(t) = -log SNR")
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+EVAL_HISTORY = "eval_history.jsonl"
+
+
+def read_eval_history(workdir: str) -> list[dict]:
+  """The evaluations recorded in workdir/eval_history.jsonl, in step order ([] if none)."""
+  path = os.path.join(workdir, EVAL_HISTORY)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def record_evaluation(workdir: str, record: dict) -> list[dict]:
+  """Adds {"step", "elapsed_s", "bpd", "bpd_stderr", ...} to the history and returns it.
+
+  Records of this step or later (an evaluation redone after a resume) are replaced; the
+  file is rewritten atomically.
+  """
+  history = [r for r in read_eval_history(workdir) if r["step"] < record["step"]] + [record]
+  path = os.path.join(workdir, EVAL_HISTORY)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in history)
+  os.replace(path + ".tmp", path)
+  return history
+
+
+def save_learning_curve(path: str, history: list[dict], *,
+                        baseline: Optional[float] = None) -> None:
+  """Test bits/dim (+- its standard error) against wall-clock seconds and against steps.
+
+  history: records of `record_evaluation`; baseline: the per-pixel categorical bits/dim,
+  drawn as a dashed line. Writes a PNG.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  bpd = np.asarray([r["bpd"] for r in history])
+  stderr = np.asarray([r.get("bpd_stderr", 0.0) for r in history])
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=100, sharey=True)
+  for ax, key, label in ((axes[0], "elapsed_s", "wall-clock seconds"), (axes[1], "step", "steps")):
+    x = np.asarray([r[key] for r in history], np.float64)
+    ax.errorbar(x, bpd, yerr=stderr, marker="o", capsize=2, label="test (EMA params)")
+    if baseline is not None:
+      ax.axhline(baseline, color="k", ls="--", label="per-pixel categorical baseline")
+    ax.set_xlabel(label)
+    ax.grid(True, alpha=0.3)
+  axes[0].set_ylabel("test bits/dim")
+  axes[1].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -195,12 +195,15 @@ def restore_for_inference(setup: setup_lib.Setup, workdir: str,
 
 def evaluate_and_draw(setup: setup_lib.Setup, state: step_lib.TrainState, test_source: Any,
                       step: int, workdir: str, writer: Any,
-                      baseline: Optional[float] = None) -> dict[str, float]:
-  """Test bits/dim with EMA params, a sample grid and the gamma(t) plot.
+                      baseline: Optional[float] = None,
+                      elapsed_s: Optional[float] = None) -> dict[str, float]:
+  """Test bits/dim with EMA params, a sample grid, the gamma(t) plot and the learning curve.
 
   test_source is the test split (data.load_sources), writer a clu metric writer; baseline, the
-  per-pixel categorical bits/dim, is logged next to the model's. Returns the metrics of
-  setup.evaluate_params ("bpd", "bpd_stderr", "bpd_<term>", "num_examples").
+  per-pixel categorical bits/dim, is logged next to the model's; elapsed_s, the run's wall
+  time so far, goes with the result into workdir/eval_history.jsonl and
+  workdir/plots/learning_curve.png. Returns the metrics of setup.evaluate_params ("bpd",
+  "bpd_stderr", "bpd_<term>", "num_examples").
   """
   metrics = setup.evaluate_params(state.ema_params, test_source)
   scalars = {f"test/{k}": v for k, v in metrics.items()}
@@ -215,6 +218,11 @@ def evaluate_and_draw(setup: setup_lib.Setup, state: step_lib.TrainState, test_s
     gamma = np.asarray(jax.jit(setup.model.gamma_fn(state.ema_params))(t))
     artifacts.save_gamma_plot(os.path.join(workdir, "plots", f"gamma_{step:08d}.png"), t, gamma,
                               title=f"gamma(t) at step {step}")
+    history = artifacts.record_evaluation(workdir, {"step": int(step), "elapsed_s": elapsed_s,
+                                                    **metrics})
+    if elapsed_s is not None:
+      artifacts.save_learning_curve(os.path.join(workdir, "plots", "learning_curve.png"),
+                                    history, baseline=baseline)
   return metrics
 
 

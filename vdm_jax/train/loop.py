@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vdm_jax.train import artifacts
 from vdm_jax.train import checkpoints
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
@@ -343,6 +344,8 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
   metrics = _Metrics(writer, _NonfiniteCounter(t.max_nonfinite_steps), flops)
   batches = _prefetch_to_device(setup, iterator, PREFETCH_DEPTH)
   metrics.restart_clock(start)
+  history = artifacts.read_eval_history(workdir)  # wall time continues across resumes
+  clock = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0 if history else 0.0)
   eval_metrics = {}
   for step in range(start, t.num_steps):
     batch, data_state = next(batches)
@@ -361,7 +364,8 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
     if evaluate:
       with report.timed("eval"):
         eval_metrics = inference.evaluate_and_draw(setup, state, sources["test"], done,
-                                                   workdir, writer, baseline)
+                                                   workdir, writer, baseline,
+                                                   time.perf_counter() - clock)
     if snapshot:
       snapshots.save(done, state)
     if save:
