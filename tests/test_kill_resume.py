@@ -1,10 +1,15 @@
 """Kill -9 at random moments (also mid-checkpoint), restart, and end bitwise where an uninterrupted run ends.
 
 All runs are `python main.py` subprocesses of a tiny digits config sharing one
-persistent compilation cache. Each restart must resume from the newest
-finished checkpoint (never a half-written one), take over the stale workdir
-lock, and the final state must equal the uninterrupted run's bit for bit.
-A SIGTERM (preemption) unwinds cleanly: exit status 143, lock released.
+persistent compilation cache (only the first run compiles). Each kill moment is
+drawn inside the run's own training, after the step it resumed from: a random
+train step, the moment a given checkpoint is announced ("saving checkpoint k",
+matched exactly), or while a checkpoint folder is still being written. Each
+restart must resume from the newest finished checkpoint (never a half-written
+one) and take over the stale workdir lock, and the final state must equal the
+uninterrupted run's bit for bit. A SIGTERM (preemption) unwinds cleanly: exit
+status 143, lock released. The draws' seed is printed (and can be set with
+KILL_RESUME_SEED) so a failure can be replayed.
 """
 import os
 import pathlib
@@ -24,37 +29,49 @@ from vdm_jax import train
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NUM_STEPS = 36
+NUM_STEPS, EVERY = 40, 3
 FLAGS = ["--config=configs/digits.py", "--config.model.n_embd=32", "--config.model.n_layer=0",
          "--config.model.with_fourier_features=False", "--config.training.batch_size=8",
          f"--config.training.num_steps={NUM_STEPS}", "--config.training.log_every=1",
-         "--config.training.checkpoint_every=3", "--config.training.keep_checkpoints=2",
+         f"--config.training.checkpoint_every={EVERY}", "--config.training.keep_checkpoints=2",
          "--config.training.eval_every=0", "--config.optimizer.warmup_steps=2",
          "--config.eval.batch_size=16", "--config.eval.num_examples=16",
-         "--config.sample.num_images=4", "--config.sample.num_steps=4"]
+         "--config.sample.num_images=4", "--config.sample.num_steps=4",
+         "--config.sample.gif_frames=2", "--config.data.num_threads=0"]
 STEP_LINE = re.compile(r"\[(\d+)\] train/")
+SAVING_LINE = re.compile(r"saving checkpoint (\d+)$")
 
 
 class _Run:
-  """main.py in a subprocess; a thread collects its stderr lines."""
+  """main.py in a subprocess; a thread reads its stderr and fires `trigger` on each line."""
 
-  def __init__(self, workdir, cache):
+  def __init__(self, workdir, cache, trigger=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     self.proc = subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *FLAGS],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-    self.lines = []
-    self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr))
+    self.lines, self.signalled, self._trigger = [], None, trigger
+    self._reader = threading.Thread(target=self._read)
     self._reader.start()
 
-  def last_step(self):
-    steps = [int(m.group(1)) for line in list(self.lines) for m in [STEP_LINE.search(line)] if m]
-    return max(steps, default=0)
+  def _read(self):
+    for line in self.proc.stderr:
+      self.lines.append(line)
+      if self.signalled is None and self._trigger is not None:
+        sig = self._trigger(line.rstrip())
+        if sig is not None:
+          self.send(sig)
 
-  def saw(self, text):
-    return any(text in line for line in list(self.lines))
+  def send(self, sig):
+    if self.signalled is None and self.proc.poll() is None:
+      self.signalled = sig
+      self.proc.send_signal(sig)
+
+  def last_step(self):
+    return max((int(m.group(1)) for line in self.lines for m in [STEP_LINE.search(line)] if m),
+               default=0)
 
   def wait(self):
     stdout = self.proc.stdout.read()
@@ -64,26 +81,50 @@ class _Run:
 
 
 def _step_dirs(checkpoint_dir):
+  """(finished steps, names of half-written temporary folders)."""
   names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
   return sorted(int(n) for n in names if n.isdigit()), [n for n in names if "tmp" in n]
 
 
-def _interrupt(run, checkpoint_dir, when, rng):
-  """Waits for the moment `when` and sends SIGKILL (SIGTERM for "sigterm"). True if it hit."""
-  start, leftovers = run.last_step(), set(_step_dirs(checkpoint_dir)[1])
-  target = start + int(rng.integers(2, 6))
-  while run.proc.poll() is None:
-    if when == "tmp_folder":  # a checkpoint being written now
-      hit = bool(set(_step_dirs(checkpoint_dir)[1]) - leftovers)
-    elif when == "saving":
-      hit = run.saw(f"saving checkpoint {3 * (start // 3 + 1)}")
-    else:  # "step" and "sigterm": after a random train step
-      hit = run.last_step() >= target
-    if hit:
-      run.proc.send_signal(signal.SIGTERM if when == "sigterm" else signal.SIGKILL)
-      return True
-    time.sleep(0.0005)
-  return False
+def _after_step(target, sig):
+  """Trigger: `sig` once the run logs train step `target` or later."""
+  def trigger(line):
+    m = STEP_LINE.search(line)
+    return sig if m and int(m.group(1)) >= target else None
+  return trigger
+
+
+def _on_saving(step):
+  """Trigger: SIGKILL when the run announces exactly checkpoint `step` (not 30 for 3)."""
+  def trigger(line):
+    m = SAVING_LINE.search(line)
+    return signal.SIGKILL if m and int(m.group(1)) == step else None
+  return trigger
+
+
+def _kill_while_writing(run, checkpoint_dir, min_step):
+  """SIGKILL as soon as a temporary folder of a checkpoint >= min_step appears."""
+  while run.proc.poll() is None and run.signalled is None:
+    for name in _step_dirs(checkpoint_dir)[1]:
+      digits = re.match(r"\d+", name)
+      if digits and int(digits.group()) >= min_step:
+        run.send(signal.SIGKILL)
+    time.sleep(0.001)
+
+
+def _interrupted_run(workdir, cache, when, resume, rng):
+  """Starts a run that resumes from `resume` and interrupts it at a moment drawn after it."""
+  checkpoint_dir = workdir / "checkpoints"
+  if when in ("step", "sigterm"):
+    target = resume + int(rng.integers(1, 2 * EVERY + 1))
+    sig = signal.SIGTERM if when == "sigterm" else signal.SIGKILL
+    return _Run(workdir, cache, _after_step(target, sig)), f"{when} at step {target}"
+  checkpoint = (resume // EVERY + int(rng.integers(1, 3))) * EVERY
+  if when == "saving":
+    return _Run(workdir, cache, _on_saving(checkpoint)), f"saving checkpoint {checkpoint}"
+  run = _Run(workdir, cache)
+  threading.Thread(target=_kill_while_writing, args=(run, checkpoint_dir, checkpoint)).start()
+  return run, f"writing checkpoint >= {checkpoint}"
 
 
 def _final_state(workdir):
@@ -97,7 +138,9 @@ def _final_state(workdir):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupted_run(
     tmp_path):
-  rng = np.random.default_rng()
+  seed = int(os.environ.get("KILL_RESUME_SEED", np.random.SeedSequence().entropy % 2**32))
+  print(f"kill moments drawn with KILL_RESUME_SEED={seed}")
+  rng = np.random.default_rng(seed)
   cache = tmp_path / "jax_cache"
   reference = _Run(tmp_path / "reference", cache)
   code, ref_stdout, ref_stderr = reference.wait()
@@ -105,36 +148,42 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
 
   workdir = tmp_path / "killed"
   checkpoint_dir = workdir / "checkpoints"
-  # SIGTERM mid-run, not last: a last resume can finish all steps before the signal lands.
-  moments = ["step", "saving", "sigterm", "tmp_folder", "step", "saving"]
-  half_written_seen, expected_resume = 0, None
-  for i, when in enumerate(moments):
-    started = time.monotonic()
-    run = _Run(workdir, cache)
-    assert _interrupt(run, checkpoint_dir, when, rng), f"run {i} ended before the {when} moment"
+  # A checkpoint write is caught half-written by the "writing" kill, retried (at most twice
+  # more) until one is; SIGTERM mid-run, never last (a last run could finish first).
+  moments, retries, resume, previous = ["step", "writing", "sigterm", "saving"], 2, 0, None
+  half_written_seen = 0
+  while moments:
+    when = moments.pop(0)
+    run, moment = _interrupted_run(workdir, cache, when, resume, rng)
     code, _, stderr = run.wait()
-    print(f"run {i}: {when} after {time.monotonic() - started:.1f} s at step {run.last_step()}")
-    assert code == (143 if when == "sigterm" else -9), stderr[-3000:]
     finished, half_written = _step_dirs(checkpoint_dir)
-    half_written_seen += bool(half_written)
-    assert os.path.exists(workdir / "LOCK") == (when != "sigterm")
-    if i > 0 and expected_resume is not None:  # resumed from the newest finished checkpoint
-      assert f"resumed from checkpoint {expected_resume}" in stderr, stderr[-3000:]
-    if i > 0:
-      assert ("taking over the stale lock" in stderr) == (moments[i - 1] != "sigterm")
+    print(f"{moment} (resumed from {resume}): stopped at step {run.last_step()}, "
+          f"checkpoints {finished}, half-written {half_written}")
+    assert run.signalled is not None, f"the run ended before the moment: {moment}"
+    assert code == (143 if run.signalled == signal.SIGTERM else -9), stderr[-3000:]
+    assert os.path.exists(workdir / "LOCK") == (run.signalled != signal.SIGTERM)
+    if resume:  # resumed from the newest finished checkpoint, never a half-written one
+      assert f"resumed from checkpoint {resume}" in stderr, stderr[-3000:]
+    if previous is not None:
+      assert ("taking over the stale lock" in stderr) == (previous != signal.SIGTERM)
     assert "does not load" not in stderr
-    expected_resume = max(finished, default=None)
-  assert half_written_seen >= 1  # at least one kill left a half-written checkpoint behind
+    half_written_seen += bool(half_written)
+    if when == "writing" and not half_written and retries:
+      moments.insert(0, "writing")
+      retries -= 1
+    resume, previous = max(finished, default=0), run.signalled
+  assert half_written_seen >= 1  # a kill left a half-written checkpoint behind
 
   last = _Run(workdir, cache)
   code, stdout, stderr = last.wait()
   assert code == 0, stderr[-3000:]
-  assert f"resumed from checkpoint {expected_resume}" in stderr
+  assert f"resumed from checkpoint {resume}" in stderr
   assert not os.path.exists(workdir / "LOCK")
   assert _step_dirs(checkpoint_dir)[1] == []  # orbax removed the half-written folders
   step, state, position = _final_state(workdir)
   ref_step, ref_state, ref_position = _final_state(tmp_path / "reference")
   assert step == ref_step == NUM_STEPS and position == ref_position
+  assert jax.tree.structure(state) == jax.tree.structure(ref_state)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
     np.testing.assert_array_equal(a, b)
   assert stdout.strip().splitlines()[-1] == ref_stdout.strip().splitlines()[-1]
