@@ -32,7 +32,7 @@ def pristine(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pristine")
   setup = train.get_setup(tiny_config())
   manager = checkpoints.make_manager(workdir / "checkpoints")
-  checkpoints.save(manager, 5, setup.init_state(), {"epoch": 0, "index": 5})
+  checkpoints.save(manager, 5, setup.init_state(), {"next_index": 5})  # grain: 5 batches taken
   manager.close()
   (workdir / "notes.txt").write_text("an earlier run")
   return workdir
@@ -233,6 +233,42 @@ def test_full_disk_at_a_checkpoint_names_disk_space_and_keeps_the_previous_check
   assert "the previous checkpoints [5] are kept" in message
   after = snapshot(workdir)
   assert {k: v for k, v in after.items() if k.startswith("checkpoints")} == kept
+  assert "LOCK" not in after
+
+
+class _NoSpaceFuture:
+  """A commit future of an asynchronous checkpoint write that fails as on a full disk."""
+
+  def result(self, timeout=None):
+    del timeout
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_during_an_asynchronous_checkpoint_write_names_disk_space_and_keeps_the_previous(
+    pristine, tmp_path, monkeypatch):
+  """The write starts, training goes on, and the ENOSPC surfaces later, from orbax's
+  background commit, at manager.wait_until_finished: it must still read as a full disk."""
+  workdir = tmp_path / "workdir"
+  shutil.copytree(pristine, workdir)
+  kept = {k: v for k, v in snapshot(workdir).items() if k.startswith("checkpoints/5")}
+  original = checkpoints.ocp.StandardCheckpointHandler.async_save
+
+  async def async_save_then_fail(self, *args, **kwargs):
+    return list(await original(self, *args, **kwargs) or []) + [_NoSpaceFuture()]
+  monkeypatch.setattr(checkpoints.ocp.StandardCheckpointHandler, "async_save",
+                      async_save_then_fail)
+  count_only = lambda state, batch: (state.replace(step=state.step + 1),
+                                     {"nonfinite": jax.numpy.zeros(())})
+  monkeypatch.setattr(train.Setup, "compiled_train_step", lambda self: (count_only, None))
+  monkeypatch.setattr(inference, "evaluate_and_draw", lambda *args: {})
+  with pytest.raises(train.TrainingError) as info:
+    train.train_and_evaluate(tiny_config(num_steps=7), str(workdir))  # saves 7 (the last)
+  message = str(info.value)
+  assert "\n" not in message and "no disk space left" in message
+  assert "the previous checkpoints [5] are kept" in message
+  after = snapshot(workdir)
+  assert {k: v for k, v in after.items() if k.startswith("checkpoints/5")} == kept
+  assert checkpoints.make_manager(workdir / "checkpoints").all_steps() == [5]
   assert "LOCK" not in after
 
 
