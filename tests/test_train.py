@@ -9,6 +9,9 @@ import optax
 from PIL import Image
 import pytest
 
+from configs import digits_cond
+from vdm_jax import decoders
+from vdm_jax import sampling
 from vdm_jax.train import checkpoints
 from vdm_jax.train import data
 from vdm_jax import train
@@ -155,8 +158,19 @@ def test_training_writes_checkpoints_events_samples_and_gamma_plot(trained):
   assert metrics["num_examples"] == 24 and np.isfinite(metrics["bpd"])
 
 
+def _garble(folder):
+  for root, _, files in os.walk(folder):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["newest_intact", "newest_damaged"])
 def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
-    trained, tmp_path, monkeypatch):
+    trained, tmp_path, monkeypatch, caplog, damaged):
+  """Preempted after 12 batches (checkpoints 5 and 10 written), then resumed: from 10, or,
+  with 10's files garbled, from 5 after a warning; either way steps 1..20 end bitwise as the
+  uninterrupted run ends (the damaged step 10 is not saved again, 15 and 20 are)."""
   config, workdir, expected_metrics = trained
   def crash_at_the_13th_batch(n, batch):
     if n == 12:
@@ -168,7 +182,12 @@ def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "5"]
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  if damaged:
+    _garble(tmp_path / "checkpoints" / "10")
+  with caplog.at_level("INFO"):
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert ("checkpoint 10" in caplog.text and "falling back" in caplog.text) == damaged
+  assert f"resumed from checkpoint {5 if damaged else 10}" in caplog.text
   step, resumed, position = _final_state(config, str(tmp_path))
   _, uninterrupted, expected_position = _final_state(config, workdir)
   assert step == 20 and position == expected_position
@@ -197,6 +216,40 @@ def test_sample_mode_writes_images_and_reverse_process_gif(trained):
   assert "step_00000015_ddim6" in paths["png"] and Image.open(paths["png"]).size[0] >= 256
   gif = Image.open(paths["gif"])
   assert gif.n_frames == 4  # 3 progressive predictions + the final samples
+
+
+def test_conditional_sampling_applies_classifier_free_guidance_to_the_chosen_label(tmp_path):
+  """configs/digits_cond through train.sample: the images are ancestral samples of
+  (1 + w) eps(z, c) - w eps(z, null) (Ho & Salimans 2021, eq. 6), c = sample.label, from the
+  checkpoint's EMA params, decoded with the key PRNGKey(sample.seed)."""
+  config = digits_cond.get_config()
+  config.model.n_embd, config.model.n_layer, config.model.with_fourier_features = 64, 0, False
+  config.sample.num_images, config.sample.num_steps = 4, 4
+  config.sample.guidance_weight, config.sample.label = 2.0, 3
+  setup = train.get_setup(config)
+  state = setup.init_state()
+  rng = np.random.default_rng(1662)  # EMA params away from init (whose output layer is zero)
+  ema = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+                     jax.device_get(state.ema_params))
+  manager = checkpoints.make_manager(tmp_path / "checkpoints")
+  checkpoints.save(manager, 1, state.replace(ema_params=ema), {"next_index": 1})
+  manager.close()
+  images = np.load(train.sample(config, str(tmp_path))["npy"])
+
+  def expected(weight, label):
+    labels = jnp.full((4,), label)
+    eps_c, eps_null = setup.model.eps_fn(ema, labels=labels), setup.model.eps_fn(ema)
+    guided = lambda z, g: (1 + weight) * eps_c(z, g) - weight * eps_null(z, g)
+    gamma_fn = setup.model.gamma_fn(ema)
+    z_0 = sampling.ancestral_sample(guided, gamma_fn, jax.random.PRNGKey(config.sample.seed),
+                                    images.shape, num_steps=4)
+    return np.asarray(decoders.decode(z_0, gamma_fn(jnp.zeros(4)), vocab_size=17))
+
+  # Decoding takes an argmax: a pixel whose latent lies within float32 rounding (~1e-6) of a
+  # bin edge (bins 2/17 wide) may flip, ~1e-5 per pixel; at most one of these 256 may differ.
+  differ = lambda weight, label: int(np.sum(images != expected(weight, label)))
+  assert differ(2.0, 3) <= 1
+  assert differ(0.0, 3) > 10 and differ(2.0, 5) > 10  # guidance and the label both matter
 
 
 @pytest.mark.parametrize("field, value, message", [
