@@ -5,7 +5,16 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from configs import digits
+from vdm_jax import decoders
+from vdm_jax import sampling
+from vdm_jax import train
+from vdm_jax.train import inference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.n_embd=32", "--config.model.n_layer=0", "--config.training.batch_size=8",
@@ -15,9 +24,13 @@ TINY = ["--config.model.n_embd=32", "--config.model.n_layer=0", "--config.traini
         "--config.sample.gif_frames=2"]
 
 
-def _main(*args):
+def _main(*args, cache=None):
+  """main.py with --config=configs/digits.py; `cache`: a persistent compilation cache folder
+  shared by the runs of one workdir (eval and sample load what training compiled)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run([sys.executable, "main.py", "--config=configs/digits.py", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -29,7 +42,7 @@ def _printed_bpd(stdout):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  proc = _main(f"--workdir={workdir}", *TINY)
+  proc = _main(f"--workdir={workdir}", *TINY, cache=workdir.parent / "jax_cache")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -45,19 +58,32 @@ def test_train_mode_logs_progress_and_writes_checkpoints_events_and_samples(work
 
 def test_eval_mode_reproduces_the_training_evaluation(workdir):
   path, train_proc = workdir
-  proc = _main(f"--workdir={path}", "--mode=eval", *TINY)
+  proc = _main(f"--workdir={path}", "--mode=eval", *TINY, cache=path.parent / "jax_cache")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _printed_bpd(proc.stdout) == _printed_bpd(train_proc.stdout)
 
 
-def test_sample_mode_writes_images_and_gif_from_a_named_checkpoint(workdir):
+def test_readme_sample_command_draws_ode_samples_of_a_named_checkpoint(workdir):
+  """The README's --mode=sample command (sampler=ode, 25 steps, GIF) on checkpoint 2: the
+  images are DPM-Solver++(2M) samples of its EMA params from PRNGKey(sample.seed), decoded."""
   path, _ = workdir
-  proc = _main(f"--workdir={path}", "--mode=sample", *TINY, "--config.sample.gif=True",
-               "--config.sample.checkpoint_step=2")
+  flags = [*TINY, "--config.sample.sampler=ode", "--config.sample.num_steps=25",
+           "--config.sample.gif=True", "--config.sample.checkpoint_step=2"]
+  proc = _main(f"--workdir={path}", "--mode=sample", *flags, cache=path.parent / "jax_cache")
   assert proc.returncode == 0, proc.stderr[-3000:]
   names = os.listdir(path / "samples")
   for suffix in (".png", ".npy", "_reverse.gif"):
-    assert f"step_00000002_ancestral4{suffix}" in names
+    assert f"step_00000002_ode25{suffix}" in names
+  config = digits.get_config()
+  config.model.n_embd, config.model.n_layer = 32, 0  # TINY's model
+  setup = train.get_setup(config)
+  _, state = inference.restore_for_inference(setup, str(path), 2)
+  gamma_fn = setup.model.gamma_fn(state.ema_params)
+  z_0 = sampling.ode_sample(setup.model.eps_fn(state.ema_params), gamma_fn,
+                            jax.random.PRNGKey(config.sample.seed), (4, 8, 8, 1), num_steps=25)
+  expected = decoders.decode(z_0, gamma_fn(jnp.zeros(4)), vocab_size=17)
+  # argmax decoding may flip a pixel within float32 rounding of a bin edge (~1e-5 each).
+  assert np.sum(np.load(path / "samples" / "step_00000002_ode25.npy") != expected) <= 1
 
 
 @pytest.mark.parametrize("flag, message", [
