@@ -21,6 +21,7 @@ def _abstract(state):
 
 
 def _assert_tree_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -103,6 +103,7 @@ def test_nonfinite_step_keeps_params_ema_and_optimizer_state_and_advances_the_st
   _assert_trees_equal(_host((state.params, state.ema_params, state.opt_state, state.rng)),
                       (before.params, before.ema_params, before.opt_state, before.rng))
   moved, metrics = setup.train_step(state, setup.global_batch(_batch(4)))
+  assert jax.tree.structure(_host(moved.params)) == jax.tree.structure(before.params)
   assert float(jax.device_get(metrics["nonfinite"])) == 0.0
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_host(moved.params)),
                                                        jax.tree.leaves(before.params), strict=True))
@@ -299,5 +300,6 @@ def test_a_skipped_micro_batch_does_not_shift_the_accumulation_window(accumulati
   lr = setup.config.optimizer.learning_rate
   _assert_close(states[2].params, params, lr, 1)
   _assert_close(states[2].ema_params, ema, lr, 1)
+  assert jax.tree.structure(states[2].ema_params) == jax.tree.structure(initial.ema_params)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(states[2].ema_params),
                                                        jax.tree.leaves(initial.ema_params), strict=True))

@@ -32,6 +32,7 @@ def test_learned_schedule_is_increasing_at_init_and_after_random_gradient_steps(
   params = module.init(key_init, t)
   assert float(jnp.min(dgamma(params))) >= 0.0
   trained = jax.jit(_random_gradient_steps, static_argnums=0)(module, params, key_steps)
+  assert jax.tree.structure(trained) == jax.tree.structure(params)
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
               zip(jax.tree.leaves(trained), jax.tree.leaves(params), strict=True))
   assert moved > 1e-3  # the steps did change the parameters
