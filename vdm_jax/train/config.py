@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
       path="",             # .npz file or image folder (npz / image_folder only)
       test_fraction=0.1,   # npz / image_folder: held-out fraction
       split_seed=0,        # npz / image_folder: seed of the fixed train/test split
+      augment_shift=0,     # training images move by up to this many pixels (0: none)
       num_threads=data.NUM_THREADS,  # background threads reading batches (0: read in the loop)
       prefetch_batches=data.PREFETCH_BATCHES,  # batches read ahead of the train step
   ))
@@ -147,6 +148,10 @@ def _validate_data(config):
     _require(_numerics.is_int(d.get(name)) and d.get(name) >= 0,
              f"data.{name} must be an integer >= 0 (0: read batches in the training loop), "
              f"got {d.get(name)!r}; set --config.data.{name}")
+  height, width = config.model.image_shape[:2]
+  _require(_numerics.is_int(d.augment_shift) and 0 <= d.augment_shift < min(height, width),
+           f"data.augment_shift must be an integer in [0, {min(height, width)}) pixels, got "
+           f"{d.augment_shift!r}; set --config.data.augment_shift")
 
 
 def _validate_optimizer(config):

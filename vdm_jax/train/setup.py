@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vdm_jax import likelihood
 from vdm_jax import ode_likelihood
+from vdm_jax.train import augment
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
 from vdm_jax.train import performance
@@ -69,11 +70,13 @@ class Setup:
     """The jitted step_lib.make_train_step: (state, global batch) -> (state, metrics); the
     state is donated."""
     if self._train_step is None:
-      o = self.config.optimizer
+      o, shift = self.config.optimizer, self.config.data.augment_shift
+      augment_fn = functools.partial(augment.random_shift, max_shift=shift) if shift else None
       step_fn = step_lib.make_train_step(self.model, self.tx, self.schedule,
                                          ema_decay=o.ema_decay,
                                          accumulation_steps=o.accumulation_steps,
-                                         power_ema_gammas=config_lib.power_ema_gammas(self.config))
+                                         power_ema_gammas=config_lib.power_ema_gammas(self.config),
+                                         augment_fn=augment_fn)
       self._train_step = jax.jit(step_fn, donate_argnums=0,
                                  in_shardings=(self.replicated, self.batch_sharding),
                                  out_shardings=(self.replicated, self.replicated))

@@ -11,7 +11,7 @@ noise-schedule ("gamma") parameters. Values are checked once, by
 vdm_jax.train.config, before anything here runs.
 """
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -154,7 +154,8 @@ def create(params: Params, tx: optax.GradientTransformation, seed: int, *,
 
 def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, schedule: Callable, *,
                     ema_decay: float, accumulation_steps: int = 1,
-                    power_ema_gammas: Sequence[float] = ()
+                    power_ema_gammas: Sequence[float] = (),
+                    augment_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics of scalars), pure (jit it).
 
@@ -172,16 +173,21 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
     accumulation_steps: micro-batches per optimizer update (tx wraps optax.MultiSteps).
     power_ema_gammas: exponents of the power-function EMAs in state.power_emas (Python
       floats, from vdm_jax.ema.sigma_rel_to_gamma); each follows applied updates only.
+    augment_fn: optional (key, images [B, H, W, C]) -> images applied to the batch first
+      (vdm_jax.train.augment), with a key of its own stream, fold_in(step key, 1).
   """
   gammas = tuple(float(g) for g in power_ema_gammas)
   apply_update = functools.partial(_apply_update, tx, ema_decay, accumulation_steps, gammas)
 
   def train_step(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
+    images = batch["image"]
+    if augment_fn is not None:
+      images = augment_fn(jax.random.fold_in(key, 1), images)
 
     def loss_fn(params):
       labels = batch["label"] if model.config.num_classes > 0 else None
-      loss, terms = model.loss(params, batch["image"], key, labels=labels, train=True)
+      loss, terms = model.loss(params, images, key, labels=labels, train=True)
       return jnp.mean(losses.bits_per_dim(loss, model.num_dims)), terms
 
     (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
