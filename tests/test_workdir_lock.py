@@ -94,7 +94,7 @@ def test_exactly_one_of_many_simultaneous_acquirers_gets_the_lock(tmp_path):
 
 
 def test_lock_is_released_when_training_raises(tmp_path, monkeypatch):
-  def crash(setup, sources, workdir):
+  def crash(setup, sources, workdir, *args, **kwargs):
     assert (pathlib.Path(workdir) / "LOCK").exists()
     raise train.TrainingError("simulated failure")
   monkeypatch.setattr(loop, "run", crash)

@@ -17,7 +17,7 @@ TensorFlow input pipeline), user `.npz` arrays and a folder of PNG/JPEG files.
 import dataclasses
 import os
 import pathlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 from absl import logging
 import grain
@@ -70,6 +70,9 @@ class TfdsSource:
     examples = [self._source[int(i)] for i in indices]
     return {"image": np.stack([e["image"] for e in examples]).astype(np.int32),
             "label": np.asarray([e.get("label", 0) for e in examples], np.int32)}
+
+
+Source = Union[ArraySource, TfdsSource]  # random access: len(source), source.get(indices)
 
 
 def load_digits(split):
@@ -252,7 +255,7 @@ class _ReadSlice:
     return self._source.get(indices[self._start:self._stop])
 
 
-def train_dataset(source, *, batch_size, seed,
+def train_dataset(source: Source, *, batch_size: int, seed: int,
                   shard_options: Optional[grain.sharding.ShardOptions] = None
                   ) -> grain.MapDataset:
   """Endless shuffled training batches as a grain MapDataset (element b: global batch b).
@@ -283,7 +286,7 @@ def train_dataset(source, *, batch_size, seed,
           .batch(batch_size, drop_remainder=True).repeat().map(read))
 
 
-def train_iterator(source, *, batch_size, seed,
+def train_iterator(source: Source, *, batch_size: int, seed: int,
                    shard_options: Optional[grain.sharding.ShardOptions] = None,
                    num_threads: int = NUM_THREADS, prefetch_batches: int = PREFETCH_BATCHES
                    ) -> grain.DatasetIterator:
@@ -312,7 +315,7 @@ def _eval_total(num_examples, length, batch_size, process_count):
   return total
 
 
-def eval_batches(source, *, batch_size, num_examples=0,
+def eval_batches(source: Source, *, batch_size: int, num_examples: int = 0,
                  shard_options: Optional[grain.sharding.ShardOptions] = None,
                  num_threads: int = NUM_THREADS, prefetch_batches: int = PREFETCH_BATCHES
                  ) -> Iterator[dict[str, Any]]:
