@@ -1,9 +1,10 @@
-"""The variance-minimising schedule gradient (VDM appendix I.2) of vdm_jax.losses."""
+"""The variance-minimising schedule gradient of VDM appendix I.2 (vdm_jax.variance_minimising)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax import losses
+from vdm_jax import variance_minimising
 
 B = 48  # fixed sample set: the expectation E[L^2] is the average over these examples
 
@@ -20,7 +21,7 @@ def _eps_fn(phi):
 
 
 def _plain_loss(phi, ends, theta, f, t, eps):
-  gamma_fn = losses.schedule_from_shape(ends[0], ends[1], _shape_fn(theta))
+  gamma_fn = variance_minimising.schedule_from_shape(ends[0], ends[1], _shape_fn(theta))
   gamma_t, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
   z_t = jnp.sqrt(jax.nn.sigmoid(-gamma_t))[:, None, None, None] * f + jnp.sqrt(
       jax.nn.sigmoid(gamma_t))[:, None, None, None] * eps
@@ -28,7 +29,7 @@ def _plain_loss(phi, ends, theta, f, t, eps):
 
 
 def _variance_loss(phi, ends, theta, f, t, eps):
-  return losses.variance_minimising_diffusion_loss(_eps_fn(phi), ends[0], ends[1], _shape_fn(theta), f, t, eps)
+  return variance_minimising.variance_minimising_diffusion_loss(_eps_fn(phi), ends[0], ends[1], _shape_fn(theta), f, t, eps)
 
 
 def test_shape_gradient_is_finite_difference_of_second_moment_and_other_gradients_are_unchanged():
@@ -65,11 +66,11 @@ def test_variance_minimising_vdm_loss_matches_vdm_loss_in_value_and_network_grad
   phi, ends, theta = jnp.asarray([0.7, 0.2]), jnp.asarray([-10.0, 4.0]), jnp.asarray([0.3, -0.2, 0.1])
 
   def plain(phi, ends):
-    gamma_fn = losses.schedule_from_shape(ends[0], ends[1], _shape_fn(theta))
+    gamma_fn = variance_minimising.schedule_from_shape(ends[0], ends[1], _shape_fn(theta))
     return jnp.mean(losses.vdm_loss(_eps_fn(phi), gamma_fn, x, key)[0])
 
   def variance(phi, ends):
-    return jnp.mean(losses.variance_minimising_vdm_loss(_eps_fn(phi), ends[0], ends[1], _shape_fn(theta), x, key)[0])
+    return jnp.mean(variance_minimising.variance_minimising_vdm_loss(_eps_fn(phi), ends[0], ends[1], _shape_fn(theta), x, key)[0])
 
   (value_p, grads_p), (value_v, grads_v) = [jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(phi, ends)
                                            for fn in (plain, variance)]

@@ -36,7 +36,7 @@ from vdm_jax.losses import diffusion_loss
 from vdm_jax.losses import discrete_diffusion_loss
 from vdm_jax.losses import prior_loss
 from vdm_jax.losses import reconstruction_loss
-from vdm_jax.losses import variance_minimising_vdm_loss
+from vdm_jax.variance_minimising import variance_minimising_vdm_loss
 from vdm_jax.losses import vdm_loss
 from vdm_jax.losses import vdm_loss_from_noise
 from vdm_jax.sampling import ancestral_sample

@@ -24,6 +24,7 @@ from vdm_jax import decoders
 from vdm_jax import losses
 from vdm_jax import nets
 from vdm_jax import schedules
+from vdm_jax import variance_minimising
 from vdm_jax.sampling import guidance
 from vdm_jax.typing import EpsFn, GammaFn, Params, PRNGKey, Terms
 
@@ -287,7 +288,7 @@ class VDM:
     Draws eps0, t (antithetic if configured) and eps from `key` as vdm_jax.losses.vdm_loss
     does; dropout and label dropout (train=True, probability label_dropout of the null
     label) use keys split from it too. With variance_minimising the schedule's shape gets
-    the gradient of E[L_diff^2] (losses.variance_minimising_vdm_loss).
+    the gradient of E[L_diff^2] (variance_minimising.variance_minimising_vdm_loss).
 
     Args:
       params: from `init`.
@@ -323,7 +324,7 @@ class VDM:
     x, eps_fn = self._prepare(params, x, labels, conditioning, train, key)
     if c.variance_minimising:
       gamma_0, gamma_1, shape_fn = self._split_schedule(params)
-      loss, terms = losses.variance_minimising_vdm_loss_from_noise(
+      loss, terms = variance_minimising.variance_minimising_vdm_loss_from_noise(
           eps_fn, gamma_0, gamma_1, shape_fn, x, t, eps, eps0, vocab_size=c.vocab_size)
     else:
       loss, terms = losses.vdm_loss_from_noise(eps_fn, self.gamma_fn(params), x, t, eps, eps0,
