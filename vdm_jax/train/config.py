@@ -45,7 +45,35 @@ def default_config() -> ml_collections.ConfigDict:
       prefetch_batches=data.PREFETCH_BATCHES,  # batches read ahead of the train step
   ))
   config.model = model_config()
-  config.optimizer = ml_collections.ConfigDict(dict(
+  config.optimizer = _optimizer_section()
+  config.training = ml_collections.ConfigDict(dict(
+      batch_size=128,          # global batch over all devices and hosts
+      num_steps=10_000_000,    # train steps (mini-batches); not model.num_steps (T)
+      log_every=100,
+      eval_every=10_000,
+      checkpoint_every=10_000,
+      keep_checkpoints=3,
+      max_nonfinite_steps=10,  # stop after this many non-finite steps in a row (each is skipped)
+      ema_snapshot_every=0,    # optimizer updates between power-EMA snapshots; 0: at checkpoints
+  ))
+  config.eval = _eval_section()
+  config.sample = ml_collections.ConfigDict(dict(
+      sampler="ancestral",     # ancestral | ddim | ode
+      num_steps=1000,          # sampler steps; not model.num_steps (T)
+      num_images=64,
+      guidance_weight=0.0,     # class-conditional models only
+      label=-1,                # class of the samples; -1 cycles over classes
+      gif=False,               # --mode=sample also writes the reverse process as a GIF
+      gif_frames=20,
+      checkpoint_step=-1,      # --mode=sample: -1 = newest checkpoint
+      seed=1,
+  ))
+  return config
+
+
+def _optimizer_section():
+  """config.optimizer: AdamW, its schedule, clipping, accumulation and the EMAs."""
+  return ml_collections.ConfigDict(dict(
       learning_rate=2e-4,
       b1=0.9,
       b2=0.99,
@@ -60,17 +88,11 @@ def default_config() -> ml_collections.ConfigDict:
       # widths, each in (0, 12^-1/2]; () disables them (and the snapshots).
       power_ema_sigma_rels=ema.DEFAULT_SIGMA_RELS,
   ))
-  config.training = ml_collections.ConfigDict(dict(
-      batch_size=128,          # global batch over all devices and hosts
-      num_steps=10_000_000,    # train steps (mini-batches); not model.num_steps (T)
-      log_every=100,
-      eval_every=10_000,
-      checkpoint_every=10_000,
-      keep_checkpoints=3,
-      max_nonfinite_steps=10,  # stop after this many non-finite steps in a row (each is skipped)
-      ema_snapshot_every=0,    # optimizer updates between power-EMA snapshots; 0: at checkpoints
-  ))
-  config.eval = ml_collections.ConfigDict(dict(
+
+
+def _eval_section():
+  """config.eval: how test bits/dim are computed."""
+  return ml_collections.ConfigDict(dict(
       batch_size=128,
       num_examples=0,          # 0 = the whole test split
       num_time_samples=1,      # K antithetic time samples per example (more: lower variance)
@@ -84,18 +106,6 @@ def default_config() -> ml_collections.ConfigDict:
       # from the power-EMA snapshots, e.g. (0.02, 0.05, 0.08, 0.1, 0.15, 0.2); () = none.
       posthoc_sigma_rels=(),
   ))
-  config.sample = ml_collections.ConfigDict(dict(
-      sampler="ancestral",     # ancestral | ddim | ode
-      num_steps=1000,          # sampler steps; not model.num_steps (T)
-      num_images=64,
-      guidance_weight=0.0,     # class-conditional models only
-      label=-1,                # class of the samples; -1 cycles over classes
-      gif=False,               # --mode=sample also writes the reverse process as a GIF
-      gif_frames=20,
-      checkpoint_step=-1,      # --mode=sample: -1 = newest checkpoint
-      seed=1,
-  ))
-  return config
 
 
 def _require(ok, message):
