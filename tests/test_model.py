@@ -108,6 +108,22 @@ def test_loss_is_float32_with_bfloat16_compute():
   assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
 
 
+def test_model_config_dtype_reaches_the_network():
+  # ModelConfig(dtype=...) must arrive at the network: the same params give eps_hat that
+  # differs from the float32 model's by bfloat16 rounding (nonzero, and far below the
+  # prediction's own size: test_nets bounds it from both sides for each network).
+  rng = np.random.default_rng(1624)
+  m32, m16 = _model(n_embd=64), _model(n_embd=64, dtype="bfloat16")
+  assert m16.network.dtype == jnp.bfloat16 and m32.network.dtype == jnp.float32
+  params = _random_params(m32, rng)
+  z = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+  g = jnp.array([-3.0, 1.0])
+  eps32, eps16 = m32.eps_fn(params)(z, g), m16.eps_fn(params)(z, g)
+  assert eps16.dtype == jnp.float32
+  error = float(jnp.max(jnp.abs(eps16 - eps32)))
+  assert 0.0 < error < 0.1 * float(jnp.max(jnp.abs(eps32)))
+
+
 def test_guided_eps_is_the_cfg_combination_of_conditional_and_null_predictions():
   rng = np.random.default_rng(1623)
   m = _model(n_embd=64, num_classes=5)
