@@ -87,13 +87,25 @@ def main(argv):
     result = run(config, _WORKDIR.value)
   except (train.ConfigError, train.CheckpointError, train.TrainingError) as err:
     sys.exit(f"error: {err}")
+  if _SIGTERM_RECEIVED:  # the SystemExit was swallowed (raised inside a callback): exit as told
+    sys.exit(128 + signal.SIGTERM)
   logging.info("%s result: %s", _MODE.value, result)
   if jax.process_index() == 0:
     print(f"{_MODE.value}: {result}")
 
 
+_SIGTERM_RECEIVED = []
+
+
 def _exit_on_sigterm(signum, frame):
+  """Raises SystemExit(128 + signum) in the main thread and remembers that it did.
+
+  Python runs the handler between bytecodes of the main thread; if that happens inside
+  code that ignores exceptions (a __del__ or weakref callback), the SystemExit is lost,
+  so main() checks _SIGTERM_RECEIVED after the run returns.
+  """
   del frame
+  _SIGTERM_RECEIVED.append(signum)
   sys.exit(128 + signum)
 
 
