@@ -1,14 +1,29 @@
-"""Shared pytest fixtures: the reference fixture recorded from google-research/vdm.
+"""Shared pytest setup: CPU, one compilation cache per test session, the reference fixture.
 
 The fixture lives in the repository (tests/fixtures/vdm_reference, a copy of the
 project's shared/fixtures/vdm_reference), so a plain clone runs every test.
+
+Many tests build the same tiny trainer (train_helpers.tiny_config), in this process and
+in main.py subprocesses. A persistent compilation cache in a fresh temporary folder,
+shared by the xdist workers and the subprocesses they start (through the environment),
+compiles each distinct program once per session. A fresh folder per session keeps a
+compile-time regression visible (tests/test_paper_compile.py compiles with an empty cache).
 """
 import os
 import pathlib
+import tempfile
 
+import jax
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by the first process of the session
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdm_jax_test_xla_cache_")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "fixtures" / "vdm_reference"
 
