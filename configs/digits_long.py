@@ -1,0 +1,27 @@
+"""Digits for about 12 minutes on 2 CPU cores: a lean FiLM U-Net at batch 128.
+
+Same data, schedule, Fourier features and evaluation as configs/digits.py, with
+the network and batch that the digits sweep (benchmarks/digits_sweep.py,
+benchmarks/results/digits_sweep.jsonl) found best per training step: a 32-wide
+one-level U-Net (2 down, 2 middle with attention, 3 up FiLM ResNet blocks,
+249k parameters) at batch 128 for 3,000 steps. Measured on the project's 2-core
+machine: 1.7564 +- 0.016 test bits/dim (K = 16), 12 min 32 s wall for the whole
+command (training about 4.3 steps/s, evaluations, samples).
+
+  python main.py --config=configs/digits_long.py --workdir=/tmp/vdm_digits_long
+"""
+from configs import digits
+
+
+def get_config():
+  """Returns the longer digits ConfigDict."""
+  config = digits.get_config()
+  config.model.network = "unet"
+  config.model.n_embd = 32
+  config.model.n_layer = 2
+  config.model.channel_mult = (1,)  # one 8x8 level: 2 down, 2 middle, 3 up FiLM blocks
+  config.model.attention_resolutions = ()  # attention only in the middle
+  config.optimizer.warmup_steps = 200
+  config.training.batch_size = 128
+  config.training.num_steps = 3000
+  return config
