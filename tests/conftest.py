@@ -8,6 +8,11 @@ in main.py subprocesses. A persistent compilation cache in a fresh temporary fol
 shared by the xdist workers and the subprocesses they start (through the environment),
 compiles each distinct program once per session. A fresh folder per session keeps a
 compile-time regression visible (tests/test_paper_compile.py compiles with an empty cache).
+
+The tests' programs are tiny, so XLA's CPU backend compiles them without LLVM's
+expensive optimisations (XLA_FLAGS below, inherited by subprocesses; a test that adds
+flags appends to them): about a quarter less suite time. The HLO passes, where the
+train step's compile blow-up of issue 11 lived, still run.
 """
 import os
 import pathlib
@@ -17,6 +22,9 @@ import jax
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by the first process of the session
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdm_jax_test_xla_cache_")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

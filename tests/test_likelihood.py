@@ -99,7 +99,7 @@ def test_k_antithetic_time_samples_put_one_time_in_each_of_k_cells():
 def test_bpd_is_the_same_on_one_and_on_eight_devices():
   one = namespace["run"](5)
   code = SETUP + "\nimport json\nassert jax.device_count() == 8\nprint(json.dumps(run(5)))\n"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                         check=False)

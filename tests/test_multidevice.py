@@ -61,7 +61,7 @@ if __name__ == "__main__":
 def test_eight_devices_match_one_device_after_five_steps(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, str(script), str(tmp_path / "eight.npz")], cwd=ROOT,

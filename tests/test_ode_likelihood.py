@@ -263,7 +263,7 @@ def test_evaluate_bpd_with_the_ode_loss_counts_each_example_once(one_device_bpd)
 def test_sharded_batch_on_eight_devices_matches_one_device(one_device_bpd):
   code = SETUP + "\nimport json\nassert jax.device_count() == 8\n" \
       "print(json.dumps({'nll': sharded_nll(), 'bpd': bpd(5)['bpd']}))\n"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300, check=False)
