@@ -36,6 +36,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "fixtures" / "vdm_reference"
 
 
+def pytest_collection_modifyitems(config, items):
+  """Runs the tests marked slow first (stable order otherwise), so that with xdist no
+  worker starts a minute-long test while the other has nothing left to do."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def reference_dir():
   """Path of tests/fixtures/vdm_reference (arrays recorded from the original code)."""

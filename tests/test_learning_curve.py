@@ -1,5 +1,6 @@
 """The trainer's learning curve: eval_history.jsonl and plots/learning_curve.png in the workdir."""
 import json
+import pytest
 
 from PIL import Image
 
@@ -16,6 +17,7 @@ def test_a_redone_evaluation_replaces_its_step_and_later_ones(tmp_path):
   assert artifacts.read_eval_history(str(tmp_path)) == history
 
 
+@pytest.mark.slow
 def test_training_records_each_evaluation_and_draws_the_curve_against_time_and_steps(tmp_path):
   config = tiny_config(num_steps=10)
   config.training.eval_every = 5

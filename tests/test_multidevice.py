@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from train_helpers import assert_params_match
 
@@ -58,6 +59,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device_after_five_steps(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from configs import digits
 from vdm_jax.train import checkpoints
@@ -47,6 +48,7 @@ def _final_params(workdir):
   return step, state.params, position
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
   workdir = tmp_path / "two"
   port = _free_port()

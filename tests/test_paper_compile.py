@@ -7,11 +7,13 @@ is asserted: a blow-up shows as a slow or failing suite, and the HLO's structure
 checked directly.
 """
 import jax
+import pytest
 
 from configs import cifar10
 from vdm_jax import train
 
 
+@pytest.mark.slow
 def test_cifar10_paper_train_step_compiles_with_one_finiteness_reduction_per_leaf_at_most():
   config = cifar10.get_config()
   config.training.batch_size = 8
