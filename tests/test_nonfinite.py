@@ -21,49 +21,17 @@ from vdm_jax import train
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import inference
 from vdm_jax.train import setup as setup_lib
+from train_helpers import NAN_GRAD
+from train_helpers import NAN_LOSS
+from train_helpers import PoisonedModel
 from train_helpers import assert_params_match
 from train_helpers import hook_train_batches
 from train_helpers import tiny_config
 
-NAN_LOSS, NAN_GRAD = -1, -2
-
-
-@jax.custom_vjp
-def _nan_gradient_if(loss, poison):
-  return loss
-
-
-def _fwd(loss, poison):
-  return loss, poison
-
-
-def _bwd(poison, g):
-  return jnp.where(poison > 0, jnp.nan, 1.0) * g, jnp.zeros_like(poison)
-
-
-_nan_gradient_if.defvjp(_fwd, _bwd)
-
-
-class _PoisonedModel:
-  """A VDM whose loss is NaN (first pixel -1) or has a NaN gradient (first pixel -2)."""
-
-  def __init__(self, model):
-    self._model = model
-
-  def __getattr__(self, name):
-    return getattr(self._model, name)
-
-  def loss(self, params, x, key, **kwargs):
-    flag = x.reshape(x.shape[0], -1)[:, 0]
-    loss, terms = self._model.loss(params, jnp.maximum(x, 0), key, **kwargs)
-    loss = jnp.where(jnp.any(flag == NAN_LOSS), jnp.nan, loss)
-    return _nan_gradient_if(loss, jnp.any(flag == NAN_GRAD).astype(jnp.float32)), terms
-
-
 @pytest.fixture(scope="module")
 def poisoned_setup():
   setup = train.Setup(tiny_config())
-  setup.model = _PoisonedModel(setup.model)
+  setup.model = PoisonedModel(setup.model)
   return setup
 
 
@@ -221,7 +189,7 @@ def accumulating():
   plain = config_lib.optimizer_from_config(config)[0]
   config.optimizer.accumulation_steps = 2
   setup = train.Setup(config)
-  setup.model = _PoisonedModel(setup.model)
+  setup.model = PoisonedModel(setup.model)
 
   @jax.jit
   def grads(params, image, key):

@@ -5,7 +5,6 @@ over the params the train step produced, in float64; snapshots against a resumed
 against the checkpoints' states; the reconstruction at a tracked width against its snapshot.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,11 +15,12 @@ from vdm_jax.train import data
 from vdm_jax.train import ema_snapshots
 from vdm_jax.train import inference
 from vdm_jax.train import step as step_lib
-from train_helpers import hook_train_batches
+from train_helpers import NAN_LOSS
+from train_helpers import PoisonedModel
 from train_helpers import tiny_config
+from train_helpers import train_until_preempted_at_batch
 
 EPS32 = float(np.finfo(np.float32).eps)
-NAN_LOSS = -1  # a batch whose first pixel is -1 gets a NaN loss
 SNAPSHOT_EVERY = 3  # train steps 3, 6, ..., 18 and the last, 20; checkpoints every 5
 
 
@@ -85,21 +85,6 @@ def test_power_emas_are_the_power_weighted_sums_of_the_params_the_trainer_produc
   _assert_power_emas_match(state.power_emas, params, gammas)
 
 
-class _NanLossModel:
-  """A VDM whose loss is NaN when a batch's first pixel is NAN_LOSS."""
-
-  def __init__(self, model):
-    self._model = model
-
-  def __getattr__(self, name):
-    return getattr(self._model, name)
-
-  def loss(self, params, x, key, **kwargs):
-    poisoned = jnp.any(x.reshape(x.shape[0], -1)[:, 0] == NAN_LOSS)
-    loss, terms = self._model.loss(params, jnp.maximum(x, 0), key, **kwargs)
-    return jnp.where(poisoned, jnp.nan, loss), terms
-
-
 def test_skipped_nonfinite_steps_and_accumulating_micro_batches_leave_the_power_emas():
   """accumulation_steps=2 over b0, b1 | b2, NaN, b3 | b4, b5: the power EMAs stay bitwise
   after a micro-batch that does not complete a window and after the NaN step, and end as
@@ -108,7 +93,7 @@ def test_skipped_nonfinite_steps_and_accumulating_micro_batches_leave_the_power_
   config.optimizer.accumulation_steps = 2
   config.optimizer.warmup_steps = 0  # the first update moves the params (and the EMAs)
   setup = train.Setup(config)
-  setup.model = _NanLossModel(setup.model)
+  setup.model = PoisonedModel(setup.model)
   batches = _batches(6, seed=3)
   poisoned = {k: v.copy() for k, v in batches[0].items()}
   poisoned["image"][0, 0, 0, 0] = NAN_LOSS
@@ -147,15 +132,8 @@ def _store_contents(workdir, abstract_params):
 def test_snapshots_of_an_interrupted_and_resumed_run_are_bitwise_the_uninterrupted_ones(
     trained, tmp_path, monkeypatch):
   config, workdir = trained
-  def crash_at_the_15th_batch(n, batch):
-    if n == 14:  # the loop reads 2 ahead: steps 1..13 are done, snapshot 12 is written
-      raise KeyboardInterrupt("simulated preemption")
-    return batch
-
-  with monkeypatch.context() as patch:
-    hook_train_batches(patch, crash_at_the_15th_batch)
-    with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(tmp_path))
+  # The loop reads 2 ahead: at batch 14, steps 1..13 are done and snapshot 12 is written.
+  train_until_preempted_at_batch(monkeypatch, config, tmp_path, 14)
   abstract = train.get_setup(config).abstract_state().params
   metas, _ = _store_contents(str(tmp_path), abstract)
   assert [m["step"] for m in metas] == [3, 6, 9, 12]  # the resume (from 10) passes 12 again

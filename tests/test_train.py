@@ -16,8 +16,8 @@ from vdm_jax.train import checkpoints
 from vdm_jax.train import data
 from vdm_jax import train
 from vdm_jax.train import step as step_lib
-from train_helpers import hook_train_batches
 from train_helpers import tiny_config
+from train_helpers import train_until_preempted_at_batch
 
 
 def _final_state(config, workdir):
@@ -172,15 +172,7 @@ def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
   with 10's files garbled, from 5 after a warning; either way steps 1..20 end bitwise as the
   uninterrupted run ends (the damaged step 10 is not saved again, 15 and 20 are)."""
   config, workdir, expected_metrics = trained
-  def crash_at_the_13th_batch(n, batch):
-    if n == 12:
-      raise KeyboardInterrupt("simulated preemption after 12 batches")
-    return batch
-
-  with monkeypatch.context() as patch:
-    hook_train_batches(patch, crash_at_the_13th_batch)
-    with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(tmp_path))
+  train_until_preempted_at_batch(monkeypatch, config, tmp_path, 12)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "5"]
   if damaged:
     _garble(tmp_path / "checkpoints" / "10")

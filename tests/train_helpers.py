@@ -3,6 +3,7 @@ import hashlib
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import digits
@@ -96,6 +97,23 @@ class _HookedBatches:
     return getattr(self._iterator, name)
 
 
+def train_until_preempted_at_batch(monkeypatch, config, workdir, index):
+  """train_and_evaluate(config, workdir), interrupted (KeyboardInterrupt, as a preemption)
+  when the loop takes training batch `index` (counted from 0; the loop reads ahead)."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top
+
+  def crash(n, batch):
+    if n == index:
+      raise KeyboardInterrupt(f"simulated preemption at training batch {index}")
+    return batch
+
+  with monkeypatch.context() as patch:
+    hook_train_batches(patch, crash)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(workdir))
+
+
 def hook_train_batches(monkeypatch, hook):
   """Makes every training batch the loop takes pass through hook(n, batch) -> batch.
 
@@ -108,3 +126,38 @@ def hook_train_batches(monkeypatch, hook):
   monkeypatch.setattr(data, "train_iterator",
                       lambda *args, **kwargs: _HookedBatches(original(*args, **kwargs), hook,
                                                              count))
+
+
+NAN_LOSS, NAN_GRAD = -1, -2  # first pixel of a batch: NaN loss / NaN gradient
+
+
+@jax.custom_vjp
+def _nan_gradient_if(loss, poison):
+  return loss
+
+
+def _fwd(loss, poison):
+  return loss, poison
+
+
+def _bwd(poison, g):
+  return jnp.where(poison > 0, jnp.nan, 1.0) * g, jnp.zeros_like(poison)
+
+
+_nan_gradient_if.defvjp(_fwd, _bwd)
+
+
+class PoisonedModel:
+  """A VDM whose loss is NaN (first pixel -1) or has a NaN gradient (first pixel -2)."""
+
+  def __init__(self, model):
+    self._model = model
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def loss(self, params, x, key, **kwargs):
+    flag = x.reshape(x.shape[0], -1)[:, 0]
+    loss, terms = self._model.loss(params, jnp.maximum(x, 0), key, **kwargs)
+    loss = jnp.where(jnp.any(flag == NAN_LOSS), jnp.nan, loss)
+    return _nan_gradient_if(loss, jnp.any(flag == NAN_GRAD).astype(jnp.float32)), terms
