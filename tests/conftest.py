@@ -16,6 +16,7 @@ train step's compile blow-up of issue 11 lived, still run.
 """
 import os
 import pathlib
+import shutil
 import tempfile
 
 import jax
@@ -25,7 +26,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by the first process of the session
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # the session's first process
+if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdm_jax_test_xla_cache_")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -41,6 +43,13 @@ def pytest_collection_modifyitems(config, items):
   worker starts a minute-long test while the other has nothing left to do."""
   del config
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_unconfigure(config):
+  """The process that made the session's compilation cache removes it at the end."""
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,27 +10,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
 from vdm_jax import decoders
 from vdm_jax import sampling
 from vdm_jax import train
 from vdm_jax.train import inference
+from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config.model.n_embd=32", "--config.model.n_layer=0", "--config.training.batch_size=8",
+# train_helpers.tiny_config's model and batches, so most programs come from the session's
+# compilation cache (tests/conftest.py), compiled once for every test that builds them.
+TINY = ["--config.model.n_embd=32", "--config.model.n_layer=0",
+        "--config.model.with_fourier_features=False", "--config.training.batch_size=8",
         "--config.training.num_steps=3", "--config.training.log_every=1",
-        "--config.training.checkpoint_every=2", "--config.eval.num_examples=16",
+        "--config.training.checkpoint_every=2", "--config.eval.batch_size=16",
+        "--config.eval.num_examples=16",
         "--config.sample.num_images=4", "--config.sample.num_steps=4",
         "--config.sample.gif_frames=2"]
 
 
-def _main(*args, cache=None):
-  """main.py with --config=configs/digits.py; `cache`: a persistent compilation cache folder
-  shared by the runs of one workdir (eval and sample load what training compiled)."""
+def _main(*args):
+  """main.py with --config=configs/digits.py, sharing the session's compilation cache."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  if cache is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run([sys.executable, "main.py", "--config=configs/digits.py", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -42,7 +43,7 @@ def _printed_bpd(stdout):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  proc = _main(f"--workdir={workdir}", *TINY, cache=workdir.parent / "jax_cache")
+  proc = _main(f"--workdir={workdir}", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -58,7 +59,7 @@ def test_train_mode_logs_progress_and_writes_checkpoints_events_and_samples(work
 
 def test_eval_mode_reproduces_the_training_evaluation(workdir):
   path, train_proc = workdir
-  proc = _main(f"--workdir={path}", "--mode=eval", *TINY, cache=path.parent / "jax_cache")
+  proc = _main(f"--workdir={path}", "--mode=eval", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _printed_bpd(proc.stdout) == _printed_bpd(train_proc.stdout)
 
@@ -69,13 +70,12 @@ def test_readme_sample_command_draws_ode_samples_of_a_named_checkpoint(workdir):
   path, _ = workdir
   flags = [*TINY, "--config.sample.sampler=ode", "--config.sample.num_steps=25",
            "--config.sample.gif=True", "--config.sample.checkpoint_step=2"]
-  proc = _main(f"--workdir={path}", "--mode=sample", *flags, cache=path.parent / "jax_cache")
+  proc = _main(f"--workdir={path}", "--mode=sample", *flags)
   assert proc.returncode == 0, proc.stderr[-3000:]
   names = os.listdir(path / "samples")
   for suffix in (".png", ".npy", "_reverse.gif"):
     assert f"step_00000002_ode25{suffix}" in names
-  config = digits.get_config()
-  config.model.n_embd, config.model.n_layer = 32, 0  # TINY's model
+  config = tiny_config()  # TINY's model
   setup = train.get_setup(config)
   _, state = inference.restore_for_inference(setup, str(path), 2)
   gamma_fn = setup.model.gamma_fn(state.ema_params)

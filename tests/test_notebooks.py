@@ -40,6 +40,7 @@ def kernel(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("VDM_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # the TINY runs' temporary workdirs go with the test
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in Colab
   return KERNEL_NAME
 
