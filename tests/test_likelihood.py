@@ -74,6 +74,28 @@ def test_bpd_stderr_is_the_sample_std_over_sqrt_n_for_losses_of_known_spread():
                              rtol=1e-6)
 
 
+def test_counts_are_reported_as_their_mean_per_example_and_stay_out_of_the_bound():
+  """A loss with a term "steps" that is a count (like the ODE's nfe): its mean over the
+  examples comes back as is, not in bits/dim, and the bound and the other terms ignore it."""
+  values = np.random.default_rng(1609).integers(1, 50, 7)
+  images = np.zeros((7, 2, 2, 1), np.uint8)
+  images[:, 0, 0, 0] = values
+
+  def loss_fn(params, batch, key):
+    del params, key
+    loss = batch["image"][:, 0, 0, 0].astype(jnp.float32)
+    return loss, {"value": loss, "steps": 3.0 * loss}
+
+  batches = [{"image": images[:4]}, {"image": images[4:]}]
+  result = likelihood.evaluate_bpd(loss_fn, batches, jax.random.PRNGKey(0), counts=("steps",))
+  to_bpd = 1.0 / (4 * math.log(2))
+  np.testing.assert_allclose(result["steps"], 3.0 * values.mean(), rtol=1e-6)
+  np.testing.assert_allclose(result["value"], values.mean() * to_bpd, rtol=1e-6)
+  np.testing.assert_allclose(result["bpd"], values.mean() * to_bpd, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"counts \['nfe'\] are not terms of loss_fn.*'steps'"):
+    likelihood.evaluate_bpd(loss_fn, batches, jax.random.PRNGKey(0), counts=("nfe",))
+
+
 def test_bpd_does_not_depend_on_the_batch_size():
   a, b = namespace["run"](5), namespace["run"](13)
   np.testing.assert_allclose(a["bpd"], b["bpd"], rtol=1e-6)

@@ -171,7 +171,16 @@ def test_discrete_bounds_recover_log_p_of_x_with_the_exact_denoiser(dequantizati
                                        exact_trace=True, rtol=1e-6, atol=1e-6)
   loss, terms = jax.jit(loss_fn)(None, {"image": x}, jax.random.PRNGKey(5))
   np.testing.assert_allclose(loss, -np.sum(np.log(PROBS[x]), axis=(1, 2, 3)), atol=PER_DIM_TOL * 4)
+  nfe = terms.pop("nfe")  # a count beside the nats: Tsit5's 6 evaluations per step, plus 1
   np.testing.assert_allclose(sum(terms.values()), loss, rtol=1e-6)
+  assert nfe.shape == loss.shape and np.all(nfe == nfe[0]) and nfe[0] % 6 == 1 and nfe[0] > 1
+  gamma_fn = SCHEDULES["fixed_linear"]
+  key_dequantize, _ = jax.random.split(jax.random.PRNGKey(5))  # as loss_fn splits its key
+  z_0, _ = ode_likelihood.DEQUANTIZERS[dequantization](x, gamma_fn(jnp.zeros(6)), key_dequantize,
+                                                        vocab_size=VOCAB)
+  _, info = ode_likelihood.ode_nll(eps_fn, gamma_fn, z_0, None, exact_trace=True, rtol=1e-6,
+                                   atol=1e-6)
+  assert nfe[0] == info["nfe"]  # the solve's own count
 
 
 def test_uniform_bound_matches_its_closed_form_for_a_gaussian_model():

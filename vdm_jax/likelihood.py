@@ -21,7 +21,7 @@ batch dict; for an eps_fn / gamma_fn pair: `loss_fn_from_eps`.
 """
 import functools
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,14 @@ def _jitted_sums(loss_fn, num_time_samples):
   return jax.jit(lambda p, b, i, m, k: _masked_sums(loss_fn, num_time_samples, p, b, i, m, k))
 
 
+def _check_counts(counts, sums):
+  missing = sorted(set(counts) - set(sums))
+  if missing:
+    terms = sorted(set(sums) - {"loss", "loss_squared", "count"})
+    raise ValueError(f"counts {missing} are not terms of loss_fn (its terms: {terms}); "
+                     f"name only terms that loss_fn returns")
+
+
 def _pad(array, size):
   pad = size - array.shape[0]
   return np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)]) if pad else array
@@ -87,7 +95,8 @@ def _check_batch(batch):
 
 
 def evaluate_bpd(loss_fn: LossFn, batches: Iterable[dict], key: PRNGKey, *, params: Params = None,
-                 num_time_samples: int = 1, mesh: Mesh | None = None) -> dict[str, float]:
+                 num_time_samples: int = 1, mesh: Mesh | None = None,
+                 counts: Sequence[str] = ()) -> dict[str, float]:
   r"""Bits/dim of every example of `batches`, with a per-term breakdown.
 
   Args:
@@ -99,11 +108,14 @@ def evaluate_bpd(loss_fn: LossFn, batches: Iterable[dict], key: PRNGKey, *, para
     num_time_samples: K >= 1 loss samples per example (antithetic in t when the loss is).
     mesh: jax.sharding.Mesh with one axis; the batch is split over its first axis.
       Default: all devices on an axis named "data".
+    counts: names of terms that are per-example counts, not nats and not part of the
+      loss (e.g. "nfe" of ode_likelihood.ode_loss_fn); each is reported as its mean per
+      example, unconverted.
 
   Returns:
     dict of Python floats: "bpd" (mean total bits/dim), "bpd_stderr" (standard error
-    of that mean over examples), one bits/dim entry per term name, "nats" (mean
-    nats per example), and "num_examples" (int N).
+    of that mean over examples), one bits/dim entry per term name, one mean per name in
+    `counts`, "nats" (mean nats per example), and "num_examples" (int N).
   """
   if isinstance(num_time_samples, bool) or not isinstance(num_time_samples, int) or num_time_samples < 1:
     raise ValueError(f"num_time_samples must be an int >= 1, got {num_time_samples!r}")
@@ -124,8 +136,9 @@ def evaluate_bpd(loss_fn: LossFn, batches: Iterable[dict], key: PRNGKey, *, para
     mask = np.arange(padded_size) < size
     arrays = ({k: _pad(v, padded_size) for k, v in batch.items()}, index.astype(np.int32), mask)
     arrays = jax.tree.map(lambda a: jax.make_array_from_process_local_data(data_sharding, a), arrays)
-    sums = step(params, *arrays, key)
-    for name, value in jax.device_get(sums).items():
+    sums = jax.device_get(step(params, *arrays, key))
+    _check_counts(counts, sums)  # at the first batch, not after a long pass
+    for name, value in sums.items():
       totals[name] = totals.get(name, 0.0) + float(value)
     seen += size
 
@@ -135,7 +148,8 @@ def evaluate_bpd(loss_fn: LossFn, batches: Iterable[dict], key: PRNGKey, *, para
   to_bpd = 1.0 / (num_dims * math.log(2.0))
   mean = totals.pop("loss") / count
   var = max(totals.pop("loss_squared") / count - mean * mean, 0.0)
-  result = {name: value / count * to_bpd for name, value in totals.items()}
+  result = {name: value / count * (1.0 if name in counts else to_bpd)
+            for name, value in totals.items()}
   result.update(bpd=mean * to_bpd, nats=mean, num_examples=int(round(count)),
                 bpd_stderr=math.sqrt(var / max(count - 1.0, 1.0)) * to_bpd)
   return result

@@ -291,8 +291,10 @@ def ode_loss_fn(eps_fn_from_params: Callable[[Params, dict], EpsFn],
     loss = prior + flow + dequantization (+ reconstruction for "variational"),
     prior = -log N(z_1; 0, I),  flow = -int_0^1 div ds,  dequantization = log q(z_0 | x),
   so prior + flow = -log p_ODE(z_0) (`ode_nll`). One loss sample per example (use
-  evaluate_bpd(..., num_time_samples=1); K > 1 averages K dequantization and probe draws).
-  The key is split into the dequantization noise and the Hutchinson probes.
+  evaluate_bpd(..., num_time_samples=1, counts=("nfe",)); K > 1 averages K dequantization
+  and probe draws). The key is split into the dequantization noise and the Hutchinson
+  probes. terms["nfe"] is the example's number of network evaluations (ode_nll's nfe), a
+  count that is not part of the loss.
 
   Args:
     eps_fn_from_params: (params, batch) -> eps_fn(z_t [B, ...], gamma_t [B]); batch gives
@@ -304,7 +306,7 @@ def ode_loss_fn(eps_fn_from_params: Callable[[Params, dict], EpsFn],
 
   Returns:
     loss_fn(params, batch {"image": int [B, H, W, C], ...}, key) -> (loss [B] nats per
-    example summed over H, W, C, terms: dict of [B] nats that sum to loss).
+    example summed over H, W, C, terms: dict of [B] nats that sum to loss, and "nfe" [B]).
   """
   if dequantization not in DEQUANTIZERS:
     raise ValueError(f"dequantization must be one of {tuple(DEQUANTIZERS)}, got {dequantization!r}")
@@ -321,6 +323,8 @@ def ode_loss_fn(eps_fn_from_params: Callable[[Params, dict], EpsFn],
                       num_probes=num_probes, exact_trace=exact_trace, probe=probe, rtol=rtol,
                       atol=atol, max_steps=max_steps)
     terms.update(prior=info["prior"], flow=-info["divergence"])
-    return sum(terms.values()), terms
+    loss = sum(terms.values())
+    terms["nfe"] = jnp.broadcast_to(info["nfe"].astype(jnp.float32), loss.shape)
+    return loss, terms
 
   return loss_fn

@@ -6,6 +6,7 @@ Only process 0 writes files.
 """
 import functools
 import os
+import time
 from typing import Any, Optional, Sequence
 
 from absl import logging
@@ -55,9 +56,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   With eval.posthoc_sigma_rels, also the post-hoc EMA of each width (evaluate_posthoc).
 
   Returns:
-    {"step": int (-1 for a clu checkpoint), "bpd", "bpd_stderr", "bpd_<term>", "num_examples"}
-    of the classic EMA params, plus "posthoc" (evaluate_posthoc's dict) with
-    eval.posthoc_sigma_rels.
+    {"step": int (-1 for a clu checkpoint), "bpd", "bpd_stderr", "bpd_<term>", "num_examples",
+    "nfe" (eval.method "ode": mean network evaluations per example), "seconds" (wall time of
+    the pass, compilation included)} of the classic EMA params, plus "posthoc"
+    (evaluate_posthoc's dict) with eval.posthoc_sigma_rels.
   """
   config_lib.validate_config(config, workdir)
   source = data.load_sources(config, ("test",))["test"]
@@ -78,7 +80,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     setup, step, state = restore(config, workdir, step=config.eval.checkpoint_step)
     params = state.ema_params
+  start = time.perf_counter()
   metrics = setup.evaluate_params(params, source)
+  metrics["seconds"] = round(time.perf_counter() - start, 1)
   logging.info("%s: test bits/dim %.6f (%s)", checkpoint or f"step {step}", metrics["bpd"],
                metrics)
   result = {"step": step, **metrics}

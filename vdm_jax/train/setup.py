@@ -121,24 +121,25 @@ class Setup:
     example (terms prior, reconstruction, diffusion). "ode": the probability-flow ODE
     likelihood with eval.ode_dequantization (vdm_jax.ode_likelihood.ode_loss_fn; terms
     prior, flow, dequantization, and reconstruction for the variational bound), one
-    sample per example. Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so
+    sample per example, and "nfe", the mean network evaluations per example. Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so
     the number is reproducible from the same params, data and config.
 
     Returns:
       dict of floats: "bpd", its "bpd_stderr", "bpd_<term>" for each term of the method,
-      and "num_examples".
+      "num_examples", and "nfe" for the ODE.
     """
     e = self.config.eval
     ode = e.method == "ode"
     batches = data.eval_batches(source, batch_size=e.batch_size, num_examples=e.num_examples)
+    counts = ("nfe",) if ode else ()
     result = likelihood.evaluate_bpd(self._ode_loss if ode else self._eval_loss, batches,
                                      jax.random.PRNGKey(self.config.seed + 1), params=params,
                                      num_time_samples=1 if ode else e.num_time_samples,
-                                     mesh=self.mesh)
-    summary = ("bpd", "bpd_stderr", "nats", "num_examples")
-    metrics = {name: result[name] for name in ("bpd", "bpd_stderr", "num_examples")}
+                                     mesh=self.mesh, counts=counts)
+    kept = ("bpd", "bpd_stderr", "num_examples", *counts)
+    metrics = {name: result[name] for name in kept}
     metrics.update({f"bpd_{name}": value for name, value in result.items()
-                    if name not in summary})
+                    if name not in (*kept, "nats")})
     return metrics
 
 
