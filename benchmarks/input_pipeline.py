@@ -13,12 +13,9 @@ per thread count to benchmarks/results/input_pipeline.jsonl.
   python benchmarks/input_pipeline.py                     # 50,000 images, batch 128
   python benchmarks/input_pipeline.py --num_images=10000  # same per-image cost, faster
 """
-import datetime
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,8 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+
+import machine  # benchmarks/machine.py: a script's own folder is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,21 +90,6 @@ def measure(source, *, threads, batch_size, batches, prefetch_batches):
   return batches / elapsed, batches * batch_size / elapsed, first
 
 
-def machine():
-  """CPU model (lscpu), core count, host name and the software versions."""
-  import grain  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                  if line.startswith("Model name")), platform.processor())
-  except (OSError, subprocess.CalledProcessError):
-    model = platform.processor()
-  return {"machine": platform.node(), "cpu": model, "cpu_count": os.cpu_count(),
-          "python": platform.python_version(), "jax_version": jax.__version__,
-          "grain_version": grain.__version__}
-
-
 def _table(rows, num_images, batch_size):
   lines = [f"input pipeline: {num_images} PNG 32x32x3 images (tfds ArrayRecord), batch "
            f"{batch_size}, prefetch {_PREFETCH.value} batches",
@@ -140,10 +124,8 @@ def main(argv):
   print(_table(rows, _NUM_IMAGES.value, _BATCH.value))
   common = {"benchmark": "input_pipeline", "num_images": _NUM_IMAGES.value,
             "batch_size": _BATCH.value, "timed_batches": _BATCHES.value,
-            "prefetch_batches": _PREFETCH.value, "write_s": round(write_s, 1), **machine(),
-            "load_avg_1m_before": round(load_before, 2),
-            "load_avg_1m_after": round(os.getloadavg()[0], 2),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "prefetch_batches": _PREFETCH.value, "write_s": round(write_s, 1), **machine.describe(),
+            "load_avg_1m_before": round(load_before, 2)}
   if _OUT.value:
     with open(_OUT.value, "a") as f:
       for row in rows:

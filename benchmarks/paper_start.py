@@ -9,12 +9,10 @@ steps, and reports the wall time and the peak resident memory of the main.py pro
   python benchmarks/paper_start.py --config=configs/imagenet32.py
 """
 import argparse
-import datetime
 import importlib
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import machine  # benchmarks/machine.py: a script's own folder is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDES = ("--config.training.batch_size=8", "--config.training.num_steps=2",
@@ -52,9 +52,7 @@ def main():
   peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
   result = {"benchmark": "paper_start", "config": args.config, "wall_s": round(wall, 1),
             "peak_rss_gb": round(peak_gb, 2), "command": " ".join(command[1:]),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            **machine.describe()}
   print(json.dumps(result))
   if args.out:
     with open(args.out, "a") as f:

@@ -13,9 +13,7 @@ benchmarks/results/sampling.jsonl.
 """
 import argparse
 import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
@@ -26,6 +24,8 @@ from vdm_jax import sampling
 from vdm_jax import schedules
 from vdm_jax.testing import gaussian_mixture
 from vdm_jax.nets import score_unet
+
+import machine  # benchmarks/machine.py: a script's own folder is on sys.path
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sampling.jsonl"
 
@@ -39,15 +39,6 @@ def _sampler_fns():
       "heun": lambda e, g, k, s, n: sampling.ode_sample(e, g, k, s, num_steps=n, solver="heun"),
       "pc": lambda e, g, k, s, n: sampling.pc_sample(e, g, k, s, num_steps=n),
   }
-
-
-def _machine():
-  cpu = platform.processor()
-  if os.path.exists("/proc/cpuinfo"):
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-  return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-          "device": str(jax.devices()[0].device_kind)}
 
 
 def _time(fn, *args, repeats=3):
@@ -118,8 +109,8 @@ def main():
   parser.add_argument("--skip_speed", action="store_true")
   parser.add_argument("--skip_quality", action="store_true")
   args = parser.parse_args()
-  record = {"benchmark": "sampling", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **_machine()}
-  print(json.dumps(_machine()))
+  record = {"benchmark": "sampling", **machine.describe()}
+  print(json.dumps(record))
   if not args.skip_speed:
     print("speed (ScoreUNet):")
     record["speed"] = speed(args.batch, args.ratio_steps, {

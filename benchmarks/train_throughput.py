@@ -23,16 +23,16 @@ to benchmarks/results/train_throughput.jsonl. Runs unchanged on GPU/TPU.
   python benchmarks/train_throughput.py --only=cifar10,digits  # some
 """
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+import machine  # benchmarks/machine.py: a script's own folder is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
@@ -170,19 +170,6 @@ def _loop_rate(config, steps):
   return {"loop_steps_per_s": round(warm[len(warm) // 2], 2), "loop_intervals": len(warm)}
 
 
-def _machine():
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                 if line.startswith("model name"))
-  except (OSError, StopIteration):
-    model = platform.processor()
-  return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-          "num_devices": jax.device_count(), "cpu": model, "cpu_count": os.cpu_count(),
-          "jax_version": jax.__version__, "load_avg_1m": round(os.getloadavg()[0], 2),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 COLUMNS = ("config", "batch_size", "net_compile_s", "step_compile_s", "compile_ratio",
            "net_step_ms", "step_ms", "step_over_net", "img_per_s", "gflop_per_step",
            "tflops_per_device", "mfu", "peak_rss_gb", "device_peak_gb", "loop_over_bare")
@@ -217,7 +204,7 @@ def main():
     if proc.returncode or not lines:
       print(proc.stderr[-2000:])
       sys.exit(f"{name} failed (exit {proc.returncode})")
-    row = {**json.loads(lines[-1][len("RESULT "):]), **_machine()}
+    row = {**json.loads(lines[-1][len("RESULT "):]), **machine.describe()}
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.out:
