@@ -1,7 +1,8 @@
 """Kill -9 at random moments (also mid-checkpoint), restart, and end bitwise where an uninterrupted run ends.
 
-All runs are `python main.py` subprocesses of a tiny digits config sharing one
-persistent compilation cache (only the first run compiles). Each kill moment is
+The interrupted runs are `python main.py` subprocesses of a tiny digits config; the
+uninterrupted reference trains the same config in the test's process first, so the
+subprocesses load every program from the session's compilation cache. Each kill moment is
 drawn inside the run's own training, after the step it resumed from: a random
 train step, the moment a given checkpoint is announced ("saving checkpoint k",
 matched exactly), or while a checkpoint folder is still being written. Each
@@ -24,20 +25,20 @@ import jax
 import numpy as np
 import pytest
 
+from configs import digits
 from vdm_jax.train import checkpoints
 from vdm_jax import train
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS, EVERY = 40, 3
-FLAGS = ["--config=configs/digits.py", "--config.model.n_embd=32", "--config.model.n_layer=0",
-         "--config.model.with_fourier_features=False", "--config.training.batch_size=8",
-         f"--config.training.num_steps={NUM_STEPS}", "--config.training.log_every=1",
-         f"--config.training.checkpoint_every={EVERY}", "--config.training.keep_checkpoints=2",
-         "--config.training.eval_every=0", "--config.optimizer.warmup_steps=2",
-         "--config.eval.batch_size=16", "--config.eval.num_examples=16",
-         "--config.sample.num_images=4", "--config.sample.num_steps=4",
-         "--config.sample.gif_frames=2", "--config.data.num_threads=0"]
+OVERRIDES = {"model.n_embd": 32, "model.n_layer": 0, "model.with_fourier_features": False,
+             "training.batch_size": 8, "training.num_steps": NUM_STEPS, "training.log_every": 1,
+             "training.checkpoint_every": EVERY, "training.keep_checkpoints": 2,
+             "training.eval_every": 0, "optimizer.warmup_steps": 2, "eval.batch_size": 16,
+             "eval.num_examples": 16, "sample.num_images": 4, "sample.num_steps": 4,
+             "sample.gif_frames": 2, "data.num_threads": 0}
+FLAGS = ["--config=configs/digits.py", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
 STEP_LINE = re.compile(r"\[(\d+)\] train/")
 SAVING_LINE = re.compile(r"saving checkpoint (\d+)$")
 
@@ -45,9 +46,8 @@ SAVING_LINE = re.compile(r"saving checkpoint (\d+)$")
 class _Run:
   """main.py in a subprocess; a thread reads its stderr and fires `trigger` on each line."""
 
-  def __init__(self, workdir, cache, trigger=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  def __init__(self, workdir, trigger=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     self.proc = subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *FLAGS],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -127,22 +127,32 @@ def _kill_while_writing(run, checkpoint_dir, min_step, stale):
     time.sleep(0.001)
 
 
-def _interrupted_run(workdir, cache, when, resume, rng):
+def _interrupted_run(workdir, when, resume, rng):
   """Starts a run that resumes from `resume` and interrupts it at a moment drawn after it."""
   checkpoint_dir = workdir / "checkpoints"
   if when in ("step", "sigterm"):
     target = resume + int(rng.integers(1, 2 * EVERY + 1))
     sig = signal.SIGTERM if when == "sigterm" else signal.SIGKILL
-    return _Run(workdir, cache, _after_step(target, sig)), f"{when} at step {target}"
+    return _Run(workdir, _after_step(target, sig)), f"{when} at step {target}"
   checkpoint = (resume // EVERY + int(rng.integers(1, 3))) * EVERY
   if when == "saving":
-    return _Run(workdir, cache, _on_saving(checkpoint)), f"saving checkpoint {checkpoint}"
+    return _Run(workdir, _on_saving(checkpoint)), f"saving checkpoint {checkpoint}"
   stale = {name: _identity(os.path.join(checkpoint_dir, name))
            for name in _step_dirs(checkpoint_dir)[1]}
-  run = _Run(workdir, cache)
+  run = _Run(workdir)
   threading.Thread(target=_kill_while_writing,
                    args=(run, checkpoint_dir, checkpoint, stale)).start()
   return run, f"writing checkpoint >= {checkpoint}"
+
+
+def _uninterrupted_run(workdir):
+  """The reference: the same config trained in this process, without interruption; returns
+  the line main.py prints last (main.py adds only the flag parsing around this call)."""
+  config = digits.get_config()
+  for field, value in OVERRIDES.items():
+    section, name = field.split(".")
+    config[section][name] = value
+  return f"train: {train.train_and_evaluate(config, str(workdir))}"
 
 
 def _final_state(workdir):
@@ -159,10 +169,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
   seed = int(os.environ.get("KILL_RESUME_SEED", np.random.SeedSequence().entropy % 2**32))
   print(f"kill moments drawn with KILL_RESUME_SEED={seed}")
   rng = np.random.default_rng(seed)
-  cache = tmp_path / "jax_cache"
-  reference = _Run(tmp_path / "reference", cache)
-  code, ref_stdout, ref_stderr = reference.wait()
-  assert code == 0, ref_stderr[-3000:]
+  ref_printed = _uninterrupted_run(tmp_path / "reference")
 
   workdir = tmp_path / "killed"
   checkpoint_dir = workdir / "checkpoints"
@@ -172,7 +179,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
   half_written_seen = 0
   while moments:
     when = moments.pop(0)
-    run, moment = _interrupted_run(workdir, cache, when, resume, rng)
+    run, moment = _interrupted_run(workdir, when, resume, rng)
     code, _, stderr = run.wait()
     finished, half_written = _step_dirs(checkpoint_dir)
     print(f"{moment} (resumed from {resume}): stopped at step {run.last_step()}, "
@@ -192,7 +199,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
     resume, previous = max(finished, default=0), run.signalled
   assert half_written_seen >= 1  # a kill left a half-written checkpoint behind
 
-  last = _Run(workdir, cache)
+  last = _Run(workdir)
   code, stdout, stderr = last.wait()
   assert code == 0, stderr[-3000:]
   if resume:  # (every kill may have come before the first checkpoint was finished)
@@ -205,4 +212,4 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
   assert jax.tree.structure(state) == jax.tree.structure(ref_state)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
     np.testing.assert_array_equal(a, b)
-  assert stdout.strip().splitlines()[-1] == ref_stdout.strip().splitlines()[-1]
+  assert stdout.strip().splitlines()[-1] == ref_printed
