@@ -22,8 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.n_embd=32", "--config.model.n_layer=0",
         "--config.model.with_fourier_features=False", "--config.training.batch_size=8",
         "--config.training.num_steps=3", "--config.training.log_every=1",
-        "--config.training.checkpoint_every=2", "--config.eval.batch_size=16",
-        "--config.eval.num_examples=16",
+        "--config.training.checkpoint_every=2", "--config.optimizer.warmup_steps=2",
+        "--config.eval.batch_size=16", "--config.eval.num_examples=16",
         "--config.sample.num_images=4", "--config.sample.num_steps=4",
         "--config.sample.gif_frames=2"]
 

@@ -5,6 +5,7 @@ NaN loss, -2 a finite loss with a NaN gradient. Also: loss and gradients of the
 whole model stay finite for gamma in [-30, 30] at pixels 0 and vocab-1, in
 float32 and bfloat16 (tests/test_losses.py covers the loss terms alone).
 """
+import functools
 import os
 
 import jax
@@ -216,11 +217,17 @@ def _one_update(accumulating, start, opt_state, micro_batches):
   setup, plain, grads = accumulating
   gradients = [grads(start.params, jnp.asarray(batch["image"]), jax.random.fold_in(start.rng, n))
                for n, batch in micro_batches]
+  return _adamw_and_ema(plain, setup.config.optimizer.ema_decay, gradients, opt_state,
+                        start.params, start.ema_params)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _adamw_and_ema(plain, decay, gradients, opt_state, params, ema_params):
+  """One compiled program (leaf-by-leaf eager ops would compile one program per op)."""
   mean = jax.tree.map(lambda *g: sum(g) / len(g), *gradients)
-  updates, opt_state = plain.update(mean, opt_state, start.params)
-  params = optax.apply_updates(start.params, updates)
-  decay = setup.config.optimizer.ema_decay
-  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, start.ema_params, params)
+  updates, opt_state = plain.update(mean, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
   return params, ema, opt_state
 
 
