@@ -85,13 +85,14 @@ def test_at_init_the_score_unet_predicts_its_input_and_the_bound_is_consistent()
   key = jax.random.PRNGKey(rng.integers(2**31))
   params = jax.jit(m.init)(key, x)
   z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-  np.testing.assert_array_equal(m.eps_fn(params)(z, jnp.float32(0.3)), z)
+  np.testing.assert_array_equal(jax.jit(lambda p: m.eps_fn(p)(z, jnp.float32(0.3)))(params), z)
   loss, metrics = jax.jit(lambda p, x, k: m.loss(p, x, k))(params, x, key)
   assert loss.shape == (2,) and set(metrics) == {"prior", "reconstruction", "diffusion", "bpd"}
   np.testing.assert_allclose(metrics["bpd"], loss / (192 * math.log(2)), rtol=1e-6)
   # Same draws as the core's vdm_loss (key split: noise first), term by term.
   key_noise, _ = jax.random.split(key)
-  core, core_terms = losses.vdm_loss(m.eps_fn(params), m.gamma_fn(params), x, key_noise)
+  core, core_terms = jax.jit(lambda p: losses.vdm_loss(m.eps_fn(p), m.gamma_fn(p), x, key_noise))(
+      params)
   np.testing.assert_allclose(loss, core, rtol=1e-5)
   # The decoder's log p moves by ~2e-5 nats per pixel when z_0 / alpha_0 moves by an ulp
   # (1e-4 of its width sigma_0 / alpha_0): 192 pixels, 4e-3 nats.

@@ -6,6 +6,7 @@ Closed-form case: data f ~ N(MU, STD^2 I) per dimension with the optimal eps_hat
 so E_eps ||eps - eps_hat||^2 = D (alpha^2 STD^2 / v)^2 + sigma^2 alpha^2 ||f - MU||^2 / v^2 and the
 expected diffusion term is a 1-D integral over gamma, evaluated with scipy quadrature in float64.
 """
+import functools
 import math
 
 import jax
@@ -56,6 +57,7 @@ def _losses(loss_fn, x, key):
   return np.asarray(loss, np.float64), {k: np.asarray(v, np.float64) for k, v in terms.items()}
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _pilot_proposal(x, num_bins, key):
   """The histogram proposal from a pilot run of the uniform estimator (running estimates)."""
   state = time_sampling.init_second_moments(num_bins)
