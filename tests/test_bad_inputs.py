@@ -40,8 +40,7 @@ def pristine(tmp_path_factory):
 
 def _set(field, value):
   def prepare(config, workdir, monkeypatch):
-    section, name = field.split(".")
-    config[section][name] = value
+    config.update_from_flattened_dict({field: value})
     return train.train_and_evaluate
   return prepare
 

@@ -149,9 +149,7 @@ def _uninterrupted_run(workdir):
   """The reference: the same config trained in this process, without interruption; returns
   the line main.py prints last (main.py adds only the flag parsing around this call)."""
   config = digits.get_config()
-  for field, value in OVERRIDES.items():
-    section, name = field.split(".")
-    config[section][name] = value
+  config.update_from_flattened_dict(OVERRIDES)
   return f"train: {train.train_and_evaluate(config, str(workdir))}"
 
 

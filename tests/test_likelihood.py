@@ -53,16 +53,27 @@ def test_every_example_is_counted_once_and_the_mean_is_over_examples():
   assert 0 < result["bpd_stderr"] < result["bpd"]
 
 
+def _first_pixel_examples(seed, num, low, high):
+  """(values [num] integers in [low, high), images [num, 2, 2, 1] with those first pixels)."""
+  values = np.random.default_rng(seed).integers(low, high, num)
+  images = np.zeros((num, 2, 2, 1), np.uint8)
+  images[:, 0, 0, 0] = values
+  return values, images
+
+
+def _first_pixel(batch):
+  """A "loss" of known value: each example's first pixel, float32 [B]."""
+  return batch["image"][:, 0, 0, 0].astype(jnp.float32)
+
+
 def test_bpd_stderr_is_the_sample_std_over_sqrt_n_for_losses_of_known_spread():
   """A "loss" equal to each example's first pixel: the per-example values are known, so the
   standard error of the mean is std(values, ddof=1) / sqrt(N), in bits/dim."""
-  values = np.random.default_rng(1608).integers(0, 200, 13)
-  images = np.zeros((13, 2, 2, 1), np.uint8)
-  images[:, 0, 0, 0] = values
+  values, images = _first_pixel_examples(1608, 13, 0, 200)
 
   def loss_fn(params, batch, key):
     del params, key
-    loss = batch["image"][:, 0, 0, 0].astype(jnp.float32)
+    loss = _first_pixel(batch)
     return loss, {"value": loss}
 
   batches = [{"image": images[i:i + 5]} for i in range(0, 13, 5)]  # 5, 5, 3: padding masked
@@ -77,13 +88,11 @@ def test_bpd_stderr_is_the_sample_std_over_sqrt_n_for_losses_of_known_spread():
 def test_counts_are_reported_as_their_mean_per_example_and_stay_out_of_the_bound():
   """A loss with a term "steps" that is a count (like the ODE's nfe): its mean over the
   examples comes back as is, not in bits/dim, and the bound and the other terms ignore it."""
-  values = np.random.default_rng(1609).integers(1, 50, 7)
-  images = np.zeros((7, 2, 2, 1), np.uint8)
-  images[:, 0, 0, 0] = values
+  values, images = _first_pixel_examples(1609, 7, 1, 50)
 
   def loss_fn(params, batch, key):
     del params, key
-    loss = batch["image"][:, 0, 0, 0].astype(jnp.float32)
+    loss = _first_pixel(batch)
     return loss, {"value": loss, "steps": 3.0 * loss}
 
   batches = [{"image": images[:4]}, {"image": images[4:]}]

@@ -28,9 +28,7 @@ OVERRIDES = {"model.n_embd": 64, "model.n_layer": 0, "model.dropout": 0.1,
 
 def _config():
   config = digits.get_config()
-  for field, value in OVERRIDES.items():
-    section, name = field.split(".")
-    config[section][name] = value
+  config.update_from_flattened_dict(OVERRIDES)
   return config
 
 

@@ -210,8 +210,7 @@ def test_eval_mode_reports_one_bits_per_dim_per_width_and_the_best(trained, capl
 ])
 def test_bad_power_ema_fields_fail_with_a_one_line_error(tmp_path, field, value, message):
   config = tiny_config()
-  section, name = field.split(".")
-  config[section][name] = value
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(train.ConfigError, match=message) as info:
     train.validate_config(config, str(tmp_path))
   assert "\n" not in str(info.value)

@@ -252,8 +252,7 @@ def test_conditional_sampling_applies_classifier_free_guidance_to_the_chosen_lab
 ])
 def test_bad_config_fails_fast_with_a_one_line_error(tmp_path, field, value, message):
   config = tiny_config()
-  section, name = field.split(".")
-  config[section][name] = value
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message) as info:
     train.train_and_evaluate(config, str(tmp_path))
   assert "\n" not in str(info.value)

@@ -137,7 +137,7 @@ def evaluate_bpd(loss_fn: LossFn, batches: Iterable[dict], key: PRNGKey, *, para
     arrays = ({k: _pad(v, padded_size) for k, v in batch.items()}, index.astype(np.int32), mask)
     arrays = jax.tree.map(lambda a: jax.make_array_from_process_local_data(data_sharding, a), arrays)
     sums = jax.device_get(step(params, *arrays, key))
-    _check_counts(counts, sums)  # at the first batch, not after a long pass
+    _check_counts(counts, sums)  # a misnamed count fails at the first batch
     for name, value in sums.items():
       totals[name] = totals.get(name, 0.0) + float(value)
     seen += size

@@ -121,8 +121,9 @@ class Setup:
     example (terms prior, reconstruction, diffusion). "ode": the probability-flow ODE
     likelihood with eval.ode_dequantization (vdm_jax.ode_likelihood.ode_loss_fn; terms
     prior, flow, dequantization, and reconstruction for the variational bound), one
-    sample per example, and "nfe", the mean network evaluations per example. Example n uses the noise of fold_in(PRNGKey(seed + 1), n), so
-    the number is reproducible from the same params, data and config.
+    sample per example, and "nfe", the mean network evaluations per example. Example n
+    uses the noise of fold_in(PRNGKey(seed + 1), n), so the number is reproducible from
+    the same params, data and config.
 
     Returns:
       dict of floats: "bpd", its "bpd_stderr", "bpd_<term>" for each term of the method,
