@@ -292,17 +292,13 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str,
   Returns:
     dict: the last evaluation's test metrics (bits/dim of the EMA params).
   """
-  # clu's TensorBoard writer imports TensorFlow: only training pays for it.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   config = setup.config if config is None else config
   t = config.training
   manager = checkpoints.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                      max_to_keep=t.keep_checkpoints)
   start, state, iterator = _start(setup, config, sources["train"], manager, workdir,
                                   allow_config_change)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
-  if on_metrics is not None:
-    writer = metric_writers.MultiWriter([writer, _CallbackWriter(on_metrics)])
+  writer = _make_writer(workdir, on_metrics)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   snapshots = _Snapshots(config, workdir)
@@ -324,6 +320,18 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str,
     manager.close()
     writer.flush()
   return eval_metrics
+
+
+def _make_writer(workdir, on_metrics):
+  """clu's default writer (logs; TensorBoard events on process 0), plus the callback.
+
+  clu's writers import TensorFlow (about 5 s): a refused resume fails before paying it.
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+  if on_metrics is None:
+    return writer
+  return metric_writers.MultiWriter([writer, _CallbackWriter(on_metrics)])
 
 
 def _train(setup, sources, workdir, start_state, iterator, stores, writer):

@@ -48,22 +48,30 @@ class Setup:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in batch.items()}
 
-  def init_state(self) -> step_lib.TrainState:
-    """Fresh replicated TrainState from config.seed."""
+  @functools.cached_property
+  def _init(self) -> jax.stages.Wrapped:
+    """Jitted key -> fresh replicated TrainState (traced once per Setup)."""
     def init(key):
       x = jnp.zeros((1, *self.image_shape), jnp.int32)
       labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
       params = self.model.init(key, x, labels)
       return step_lib.create(params, self.tx, self.config.seed,
                              num_power_emas=len(self.config.optimizer.power_ema_sigma_rels))
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
-    return jax.jit(init, out_shardings=self.replicated)(key)
+    return jax.jit(init, out_shardings=self.replicated)
 
-  def abstract_state(self) -> step_lib.TrainState:
-    """ShapeDtypeStructs (replicated) of the TrainState, for restoring."""
+  def init_state(self) -> step_lib.TrainState:
+    """Fresh replicated TrainState from config.seed."""
+    return self._init(jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1))
+
+  @functools.cached_property
+  def _abstract_state(self) -> step_lib.TrainState:
     shapes = jax.eval_shape(self.init_state)
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  def abstract_state(self) -> step_lib.TrainState:
+    """ShapeDtypeStructs (replicated) of the TrainState, for restoring (computed once)."""
+    return self._abstract_state
 
   @property
   def train_step(self) -> jax.stages.Wrapped:
