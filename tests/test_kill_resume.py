@@ -8,9 +8,10 @@ train step, the moment a given checkpoint is announced ("saving checkpoint k",
 matched exactly), or while a checkpoint folder is still being written. Each
 restart must resume from the newest finished checkpoint (never a half-written
 one) and take over the stale workdir lock, and the final state must equal the
-uninterrupted run's bit for bit. A SIGTERM (preemption) unwinds cleanly: exit
-status 143, lock released. The draws' seed is printed (and can be set with
-KILL_RESUME_SEED) so a failure can be replayed.
+uninterrupted run's bit for bit. A SIGTERM (preemption), sent after a checkpoint
+was started, unwinds cleanly: exit status 143, lock released, that checkpoint
+finished (so later restarts resume from it). The draws' seed is printed (and can be
+set with KILL_RESUME_SEED) so a failure can be replayed.
 """
 import os
 import pathlib
@@ -132,6 +133,8 @@ def _interrupted_run(workdir, when, resume, rng):
   checkpoint_dir = workdir / "checkpoints"
   if when in ("step", "sigterm"):
     target = resume + int(rng.integers(1, 2 * EVERY + 1))
+    if when == "sigterm":  # after the next checkpoint was started ("[c+1]" follows "saving c")
+      target = max(target, (resume // EVERY + 1) * EVERY + 1)
     sig = signal.SIGTERM if when == "sigterm" else signal.SIGKILL
     return _Run(workdir, _after_step(target, sig)), f"{when} at step {target}"
   checkpoint = (resume // EVERY + int(rng.integers(1, 3))) * EVERY
@@ -190,6 +193,8 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_an_uninterrupte
     if previous is not None:
       assert ("taking over the stale lock" in stderr) == (previous != signal.SIGTERM)
     assert "does not load" not in stderr
+    if when == "sigterm":  # a preemption finishes the checkpoints it started: none is lost
+      assert max(finished, default=0) >= (run.last_step() - 1) // EVERY * EVERY, stderr[-3000:]
     half_written_seen += bool(half_written)
     if when == "writing" and not half_written and retries:
       moments.insert(0, "writing")
