@@ -15,7 +15,9 @@ subprocess measures, at a per-config batch size that fits this CPU:
     peak_bytes_in_use where the backend reports memory_stats() (GPU/TPU);
   * with --loop (default for digits and the fixture model): steps/s of the real
     training loop (train_and_evaluate, logged train/steps_per_sec) against the bare
-    jitted step dispatched back to back, loop_over_bare.
+    jitted step dispatched back to back, loop_over_bare. The bare rate is taken just
+    before and just after the loop and averaged: on a shared machine it drifts by
+    10 % or more within a minute.
 Results print as a table and append as JSON lines (device, jax version, load average)
 to benchmarks/results/train_throughput.jsonl. Runs unchanged on GPU/TPU.
 
@@ -90,6 +92,16 @@ def _network(setup, params, batch_size):
   return compile_s, compiled, args
 
 
+def _bare_rate(step, state, batch, steps):
+  """(newest state, steps/s) of the compiled step dispatched back to back `steps` times."""
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  return state, steps / (time.perf_counter() - start)
+
+
 def measure(name, batch_size, steps, loop):
   """One config's figures (runs inside its own subprocess)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -116,11 +128,7 @@ def measure(name, batch_size, steps, loop):
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
   step_ms = _median_ms(one_step, steps)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  bare_steps_per_s = steps / (time.perf_counter() - start)
+  state, bare_steps_per_s = _bare_rate(step, state, batch, steps)
   stats = jax.devices()[0].memory_stats() or {}
   peak = performance.peak_flops()
   achieved = flops / (step_ms / 1e3) if flops else None
@@ -139,9 +147,12 @@ def measure(name, batch_size, steps, loop):
       "device_peak_gb": round(stats["peak_bytes_in_use"] / 2**30, 2)
       if "peak_bytes_in_use" in stats else None,
   }
-  if loop:
+  if loop:  # the bare rate again right after the loop: the ratio uses the mean of both
     result.update(_loop_rate(config, steps))
-    result["loop_over_bare"] = round(result["loop_steps_per_s"] / bare_steps_per_s, 3)
+    _, bare_after = _bare_rate(step, state, batch, steps)
+    result["bare_steps_per_s_after_loop"] = round(bare_after, 2)
+    bare_mean = (bare_steps_per_s + bare_after) / 2
+    result["loop_over_bare"] = round(result["loop_steps_per_s"] / bare_mean, 3)
   result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
   return result
 
