@@ -4,8 +4,9 @@ Each run trains configs/digits.py with the given overrides in a fresh subprocess
 (train_and_evaluate, evaluation only at the end: K = eval.num_time_samples time samples
 per test digit, EMA parameters) and records the test bits/dim with its standard error,
 the training wall time and steps/s, and the seed. Runs append JSON lines to
-benchmarks/results/digits_sweep.jsonl; --table prints the mean +- sd over seeds of
-every setting found there as a markdown table.
+benchmarks/results/digits_sweep.jsonl; --table prints a markdown table of every setting
+found there: the mean +- sd over its seeds, or, for a setting run with one seed, that
+run's evaluation standard error.
 
   python benchmarks/digits_sweep.py --name=base --seeds=0,1,2
   python benchmarks/digits_sweep.py --name=wide --seeds=0 model.n_embd=96 training.batch_size=64
@@ -69,16 +70,18 @@ def _table():
   for line in RESULTS.read_text().splitlines():
     record = json.loads(line)
     rows[record["name"]].append(record)
-  print("| setting | overrides | seeds | test bits/dim (mean +- sd) | steps | batch | steps/s | "
+  print("| setting | overrides | seeds | test bits/dim | steps | batch | steps/s | "
         "wall s |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for name, records in rows.items():
     bpd = [r["bpd"] for r in records]
     mean = sum(bpd) / len(bpd)
-    sd = (sum((b - mean) ** 2 for b in bpd) / max(len(bpd) - 1, 1)) ** 0.5
+    spread = f"+- {records[0]['bpd_stderr']:.4f} (one seed: the evaluation's standard error)"
+    if len(bpd) > 1:
+      spread = f"+- {(sum((b - mean) ** 2 for b in bpd) / (len(bpd) - 1)) ** 0.5:.4f}"
     rates = [r["steps_per_s"] for r in records if r["steps_per_s"]]
     print(f"| {name} | {' '.join(records[0]['overrides']) or '(configs/digits.py)'} | "
-          f"{len(bpd)} | {mean:.4f} +- {sd:.4f} | {records[0]['num_steps']} | "
+          f"{len(bpd)} | {mean:.4f} {spread} | {records[0]['num_steps']} | "
           f"{records[0]['batch_size']} | {max(rates) if rates else '-'} | "
           f"{min(r['wall_s'] for r in records)} |")
 
