@@ -16,12 +16,10 @@ from configs import digits
 def get_config():
   """Returns the longer digits ConfigDict."""
   config = digits.get_config()
-  config.model.network = "unet"
-  config.model.n_embd = 32
-  config.model.n_layer = 2
-  config.model.channel_mult = (1,)  # one 8x8 level: 2 down, 2 middle, 3 up FiLM blocks
-  config.model.attention_resolutions = ()  # attention only in the middle
-  config.optimizer.warmup_steps = 200
+  config.model.n_layer = 2  # 2 down, 2 middle, 3 up FiLM blocks on the one 8x8 level
   config.training.batch_size = 128
   config.training.num_steps = 3000
+  config.training.log_every = 200
+  config.training.eval_every = 1000
+  config.training.checkpoint_every = 1000
   return config

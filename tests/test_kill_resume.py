@@ -33,7 +33,7 @@ from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS, EVERY = 40, 3
-OVERRIDES = {"model.n_embd": 32, "model.n_layer": 0, "model.with_fourier_features": False,
+OVERRIDES = {"model.network": "score_unet", "model.n_embd": 32, "model.n_layer": 0, "model.with_fourier_features": False,
              "training.batch_size": 8, "training.num_steps": NUM_STEPS, "training.log_every": 1,
              "training.checkpoint_every": EVERY, "training.keep_checkpoints": 2,
              "training.eval_every": 0, "optimizer.warmup_steps": 2, "eval.batch_size": 16,

@@ -27,6 +27,7 @@ from vdm_jax.train import data
 
 def tiny_config():
   config = digits.get_config()
+  config.model.network = "score_unet"
   config.model.n_embd, config.model.n_layer, config.model.dropout = 64, 0, 0.1
   config.training.batch_size, config.training.num_steps = 8, 5
   config.eval.batch_size, config.eval.num_examples = 8, 20

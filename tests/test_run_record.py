@@ -102,7 +102,7 @@ def _main(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   overrides = [f"--config.{k}={v}" for k, v in (
-      ("model.n_embd", 32), ("model.n_layer", 0), ("model.with_fourier_features", False),
+      ("model.network", "score_unet"), ("model.n_embd", 32), ("model.n_layer", 0), ("model.with_fourier_features", False),
       ("training.batch_size", 8), ("training.num_steps", 5), ("training.log_every", 5),
       ("training.checkpoint_every", 5), ("training.keep_checkpoints", 5),
       ("training.eval_every", 0), ("optimizer.warmup_steps", 2), ("eval.batch_size", 16),

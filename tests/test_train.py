@@ -215,6 +215,7 @@ def test_conditional_sampling_applies_classifier_free_guidance_to_the_chosen_lab
   (1 + w) eps(z, c) - w eps(z, null) (Ho & Salimans 2021, eq. 6), c = sample.label, from the
   checkpoint's EMA params, decoded with the key PRNGKey(sample.seed)."""
   config = digits_cond.get_config()
+  config.model.network = "score_unet"
   config.model.n_embd, config.model.n_layer, config.model.with_fourier_features = 64, 0, False
   config.sample.num_images, config.sample.num_steps = 4, 4
   config.sample.guidance_weight, config.sample.label = 2.0, 3

@@ -10,8 +10,9 @@ from configs import digits
 
 
 def tiny_config(num_steps=20):
-  """configs/digits with a 32-wide, 0-block network: a real step compiles in seconds."""
+  """configs/digits with a 32-wide, 0-block ScoreUNet: a real step compiles in seconds."""
   config = digits.get_config()
+  config.model.network = "score_unet"
   config.model.n_embd = 32
   config.model.n_layer = 0
   config.model.with_fourier_features = False
