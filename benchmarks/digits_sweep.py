@@ -76,11 +76,13 @@ def _table():
   for name, records in rows.items():
     bpd = [r["bpd"] for r in records]
     mean = sum(bpd) / len(bpd)
-    spread = f"+- {records[0]['bpd_stderr']:.4f} (one seed: the evaluation's standard error)"
     if len(bpd) > 1:
       spread = f"+- {(sum((b - mean) ** 2 for b in bpd) / (len(bpd) - 1)) ** 0.5:.4f}"
+    else:
+      spread = f"+- {records[0]['bpd_stderr']:.4f} (one seed: the evaluation's standard error)"
     rates = [r["steps_per_s"] for r in records if r["steps_per_s"]]
-    print(f"| {name} | {' '.join(records[0]['overrides']) or '(configs/digits.py)'} | "
+    base = f"(configs/digits.py as of {records[0]['date'][:10]})"  # the config changes
+    print(f"| {name} | {' '.join(records[0]['overrides']) or base} | "
           f"{len(bpd)} | {mean:.4f} {spread} | {records[0]['num_steps']} | "
           f"{records[0]['batch_size']} | {max(rates) if rates else '-'} | "
           f"{min(r['wall_s'] for r in records)} |")

@@ -29,11 +29,12 @@ import pytest
 from configs import digits
 from vdm_jax.train import checkpoints
 from vdm_jax import train
+from train_helpers import TINY_MODEL
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS, EVERY = 40, 3
-OVERRIDES = {"model.network": "score_unet", "model.n_embd": 32, "model.n_layer": 0, "model.with_fourier_features": False,
+OVERRIDES = {**{f"model.{name}": value for name, value in TINY_MODEL.items()},
              "training.batch_size": 8, "training.num_steps": NUM_STEPS, "training.log_every": 1,
              "training.checkpoint_every": EVERY, "training.keep_checkpoints": 2,
              "training.eval_every": 0, "optimizer.warmup_steps": 2, "eval.batch_size": 16,

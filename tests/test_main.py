@@ -14,13 +14,13 @@ from vdm_jax import decoders
 from vdm_jax import sampling
 from vdm_jax import train
 from vdm_jax.train import inference
+from train_helpers import TINY_MODEL_FLAGS
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # train_helpers.tiny_config's model and batches, so most programs come from the session's
 # compilation cache (tests/conftest.py), compiled once for every test that builds them.
-TINY = ["--config.model.network=score_unet", "--config.model.n_embd=32", "--config.model.n_layer=0",
-        "--config.model.with_fourier_features=False", "--config.training.batch_size=8",
+TINY = [*TINY_MODEL_FLAGS, "--config.training.batch_size=8",
         "--config.training.num_steps=3", "--config.training.log_every=1",
         "--config.training.checkpoint_every=2", "--config.optimizer.warmup_steps=2",
         "--config.eval.batch_size=16", "--config.eval.num_examples=16",

@@ -20,7 +20,8 @@ from vdm_jax import train
 from train_helpers import assert_params_match
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OVERRIDES = {"model.network": "score_unet", "model.n_embd": 64, "model.n_layer": 0, "model.dropout": 0.1,
+OVERRIDES = {"model.network": "score_unet", "model.n_embd": 64, "model.n_layer": 0,
+             "model.dropout": 0.1,
              "training.batch_size": 8, "training.num_steps": 5, "training.log_every": 5,
              "training.checkpoint_every": 5, "training.eval_every": 0, "eval.batch_size": 8,
              "eval.num_examples": 16, "sample.num_images": 2, "sample.num_steps": 2}

@@ -11,6 +11,7 @@ import pytest
 from vdm_jax import train
 from vdm_jax.train import run_record
 from train_helpers import snapshot
+from train_helpers import TINY_MODEL_FLAGS
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,8 +102,7 @@ def test_num_steps_can_be_raised_freely_and_the_change_is_recorded(five_steps, t
 def _main(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  overrides = [f"--config.{k}={v}" for k, v in (
-      ("model.network", "score_unet"), ("model.n_embd", 32), ("model.n_layer", 0), ("model.with_fourier_features", False),
+  overrides = TINY_MODEL_FLAGS + [f"--config.{k}={v}" for k, v in (
       ("training.batch_size", 8), ("training.num_steps", 5), ("training.log_every", 5),
       ("training.checkpoint_every", 5), ("training.keep_checkpoints", 5),
       ("training.eval_every", 0), ("optimizer.warmup_steps", 2), ("eval.batch_size", 16),

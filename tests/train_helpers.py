@@ -8,14 +8,18 @@ import numpy as np
 
 from configs import digits
 
+# The trainer tests' model: a 32-wide, 0-block ScoreUNet whose real step compiles in
+# seconds. In-process tests and main.py subprocesses (as --config.model.* flags) share it,
+# so they share its programs through the session's compilation cache.
+TINY_MODEL = {"network": "score_unet", "n_embd": 32, "n_layer": 0,
+              "with_fourier_features": False}
+TINY_MODEL_FLAGS = [f"--config.model.{name}={value}" for name, value in TINY_MODEL.items()]
+
 
 def tiny_config(num_steps=20):
-  """configs/digits with a 32-wide, 0-block ScoreUNet: a real step compiles in seconds."""
+  """configs/digits with TINY_MODEL and small batches: a real step compiles in seconds."""
   config = digits.get_config()
-  config.model.network = "score_unet"
-  config.model.n_embd = 32
-  config.model.n_layer = 0
-  config.model.with_fourier_features = False
+  config.model.update(TINY_MODEL)
   config.training.num_steps = num_steps
   config.training.batch_size = 8
   config.training.log_every = 5
