@@ -192,8 +192,8 @@ def _loop_rate(config, steps):
     rates = []
     train.train_and_evaluate(config, os.path.join(workdir, "run"), on_metrics=lambda step, m: (
         rates.append(m["train/steps_per_sec"]) if "train/steps_per_sec" in m else None))
-  warm = sorted(rates[1:-1])  # the first interval holds the data warm-up, the last the save
-  return {"loop_steps_per_s": round(warm[len(warm) // 2], 2), "loop_intervals": len(warm)}
+  warm = rates[1:-1]  # the first interval holds the data warm-up, the last the save
+  return {"loop_steps_per_s": round(_median(warm), 2), "loop_intervals": len(warm)}
 
 
 COLUMNS = ("config", "batch_size", "net_compile_s", "step_compile_s", "compile_ratio",

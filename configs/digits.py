@@ -17,8 +17,8 @@ benchmarks/results/digits_sweep.jsonl): a 32-wide FiLM U-Net with one 8x8 level 
 2 middle with attention, 2 up blocks; 184k parameters) at batch 32 for 6,000 steps.
 Smaller batches with more steps won at equal wall time (one seed each): 1.8052 at
 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. Measured on the project's 2-core
-machine: 1.8126 +- 0.0130 test bits/dim over seeds 0, 1, 2, 4 to 4.6 minutes for the
-whole command; the ScoreUNet 64 x 2 blocks this config trained before gave 1.8906 +-
+machine: 1.8126 +- 0.0130 test bits/dim over seeds 0, 1 and 2, in 4 to 4.6 minutes for
+the whole command; the ScoreUNet 64 x 2 blocks this config trained before gave 1.8906 +-
 0.0059 in 2,000 x 32 steps and 6.3 to 6.6 minutes.
 
   python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits
