@@ -6,7 +6,8 @@ subprocess measures, at a per-config batch size that fits this CPU:
     (jit(grad) of sum(eps_hat^2) over the parameters, dropout on), lower + compile
     seconds and median time;
   * step_compile_s / step_ms: the whole train step (loss, gradient, non-finite
-    guard, AdamW, EMA), lower + compile seconds and median time, images/s;
+    guard, AdamW, EMA), lower + compile seconds (Setup.compiled_train_step: its two
+    programs, compiled side by side) and median time, images/s;
   * step_over_net: step_ms / net_step_ms (the reference code measures 1.11 here);
   * compile_ratio: step_compile_s / net_compile_s;
   * gflop_per_step, tflops_per_device and MFU (against the device's bf16 peak from

@@ -13,6 +13,7 @@ from configs import digits_cond
 from vdm_jax import decoders
 from vdm_jax import sampling
 from vdm_jax.train import checkpoints
+from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
 from vdm_jax import train
 from vdm_jax.train import step as step_lib
@@ -146,6 +147,36 @@ def test_train_step_reports_the_bound_at_its_documented_key_and_moves_params_aft
   state, _ = setup.train_step(state, setup.global_batch(batch))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params),
                                                        jax.tree.leaves(state.params), strict=True))
+
+
+def test_the_two_compiled_programs_equal_the_fused_train_step():
+  # Setup runs make_gradient_step and make_update_step as two programs; make_train_step
+  # is their composition as one function. Three steps (the first has lr 0) from one state.
+  setup = train.get_setup(tiny_config())
+  o = setup.config.optimizer
+  fused = jax.jit(step_lib.make_train_step(
+      setup.model, setup.tx, setup.schedule, ema_decay=o.ema_decay,
+      accumulation_steps=o.accumulation_steps,
+      power_ema_gammas=config_lib.power_ema_gammas(setup.config)))
+  two_programs, flops = setup.compiled_train_step()
+  assert flops is not None and flops > 0
+  batches = data.train_iterator(data.load_digits("train"), batch_size=8, seed=0)
+  state_a = setup.init_state()
+  state_b = jax.tree.map(jnp.copy, state_a)
+  for _ in range(3):
+    batch = setup.global_batch(next(batches))
+    state_a, metrics_a = two_programs(state_a, batch)
+    state_b, metrics_b = fused(state_b, batch)
+  assert int(state_a.step) == int(state_b.step) == 3
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
+  assert metrics_a.keys() == metrics_b.keys()
+  # The same float32 operations, fused differently across the programs' boundary:
+  # agreement to a few float32 ulps of each value, relative (eps = 2^-23).
+  tolerance = dict(rtol=64 * np.finfo(np.float32).eps, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tolerance)
+  for name in metrics_a:
+    np.testing.assert_allclose(metrics_a[name], metrics_b[name], **tolerance, err_msg=name)
 
 
 def test_training_writes_checkpoints_events_samples_and_gamma_plot(trained):

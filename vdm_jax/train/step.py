@@ -1,6 +1,9 @@
 """The train step as a pure function, with its state pytree, optimizer and EMA.
 
   state, metrics = train_step(state, batch)
+  # the same, in two halves (vdm_jax.train.setup jits them as two programs):
+  grads, loss_metrics = gradient_step(state, batch)
+  state, metrics = update_step(state, grads, loss_metrics)
 
 The loss is the batch mean of the VDM bound in bits/dim; step i draws its
 randomness from fold_in(state.rng, i). The optimizer is AdamW (Loshchilov &
@@ -152,6 +155,79 @@ def create(params: Params, tx: optax.GradientTransformation, seed: int, *,
                                      for _ in range(num_power_emas)))
 
 
+def make_gradient_step(model: model_lib.VDM, *,
+                       augment_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
+                       ) -> Callable[[TrainState, dict], tuple[Params, dict[str, jax.Array]]]:
+  """gradient_step(state, batch) -> (grads, loss metrics): the first half of the train step.
+
+  grads: d bpd / d params, a pytree like state.params (float32; may hold NaN/Inf).
+  loss metrics: float32 scalars "bpd" (the batch mean of the VDM bound in bits/dim), its
+  terms "bpd_prior", "bpd_reconstruction", "bpd_diffusion", and "grad_norm" (global L2
+  norm of grads). Step i draws its randomness from key = fold_in(state.rng, i).
+
+  Args:
+    model: a vdm_jax.model.VDM.
+    augment_fn: optional (key, images [B, H, W, C]) -> images applied to the batch first
+      (vdm_jax.train.augment), with a key of its own stream, fold_in(key, 1).
+  """
+  def gradient_step(state, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    images = batch["image"]
+    if augment_fn is not None:
+      images = augment_fn(jax.random.fold_in(key, 1), images)
+
+    def loss_fn(params):
+      labels = batch["label"] if model.config.num_classes > 0 else None
+      loss, terms = model.loss(params, images, key, labels=labels, train=True)
+      return jnp.mean(losses.bits_per_dim(loss, model.num_dims)), terms
+
+    (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss_metrics = {"bpd": bpd, "grad_norm": optax.tree.norm(grads)}
+    for name in ("prior", "reconstruction", "diffusion"):
+      loss_metrics[f"bpd_{name}"] = jnp.mean(losses.bits_per_dim(terms[name], model.num_dims))
+    return grads, loss_metrics
+
+  return gradient_step
+
+
+def make_update_step(model: model_lib.VDM, tx: optax.GradientTransformation, schedule: Callable,
+                     *, ema_decay: float, accumulation_steps: int = 1,
+                     power_ema_gammas: Sequence[float] = ()
+                     ) -> Callable[[TrainState, Params, dict], tuple[TrainState, dict]]:
+  """update_step(state, grads, loss metrics) -> (new state, metrics): the second half.
+
+  Takes make_gradient_step's outputs. A step whose "bpd" or "grad_norm" is NaN/Inf keeps
+  params, EMA params, power EMAs and optimizer state unchanged (bitwise) and sets
+  metrics["nonfinite"] = 1 (else 0); state.step advances either way. metrics: the loss
+  metrics ("grad_norm" 0 on a skipped step) plus "learning_rate" (of this update),
+  "gamma_0", "gamma_1" (the noise schedule's ends after it) and "nonfinite".
+
+  Args: as make_train_step's.
+  """
+  gammas = tuple(float(g) for g in power_ema_gammas)
+  apply_update = functools.partial(_apply_update, tx, ema_decay, accumulation_steps, gammas)
+
+  def update_step(state, grads, loss_metrics):
+    # One scalar decides the step: the global gradient norm is NaN/Inf exactly when a
+    # gradient element is (or their squares overflow float32). A skipped step keeps params,
+    # EMA and optimizer state bitwise (one lax.cond around the whole update; a jnp.where per
+    # leaf made XLA copy the reduction into every leaf's fusion: minutes of compile time).
+    finite = jnp.isfinite(loss_metrics["bpd"]) & jnp.isfinite(loss_metrics["grad_norm"])
+    params, ema, opt_state, power_emas = jax.lax.cond(
+        finite, functools.partial(apply_update, grads), lambda *unchanged: unchanged,
+        state.params, state.ema_params, state.opt_state, state.power_emas)
+    gamma_fn = model.gamma_fn(params)
+    metrics = dict(loss_metrics, grad_norm=jnp.where(finite, loss_metrics["grad_norm"], 0.0),
+                   learning_rate=schedule(update_count(state.opt_state)),
+                   gamma_0=jnp.squeeze(gamma_fn(jnp.zeros(()))),
+                   gamma_1=jnp.squeeze(gamma_fn(jnp.ones(()))),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state, power_emas=power_emas), metrics
+
+  return update_step
+
+
 def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, schedule: Callable, *,
                     ema_decay: float, accumulation_steps: int = 1,
                     power_ema_gammas: Sequence[float] = (),
@@ -159,11 +235,13 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics of scalars), pure (jit it).
 
-  batch: {"image": int [B, H, W, C], optionally "label": int [B] when the model is
-  class-conditional}. A step whose loss or gradient has a NaN/Inf returns params,
-  EMA params, power EMAs and optimizer state unchanged (bitwise) and metrics["nonfinite"] = 1
-  (else 0); state.step still advances, so the batch is consumed and the step
-  numbering and data position stay those of an uninterrupted run.
+  update_step(state, *gradient_step(state, batch)): make_gradient_step then
+  make_update_step, as one function. batch: {"image": int [B, H, W, C], optionally
+  "label": int [B] when the model is class-conditional}. A step whose loss or gradient
+  has a NaN/Inf returns params, EMA params, power EMAs and optimizer state unchanged
+  (bitwise) and metrics["nonfinite"] = 1 (else 0); state.step still advances, so the
+  batch is consumed and the step numbering and data position stay those of an
+  uninterrupted run.
 
   Args:
     model: a vdm_jax.model.VDM.
@@ -176,40 +254,13 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
     augment_fn: optional (key, images [B, H, W, C]) -> images applied to the batch first
       (vdm_jax.train.augment), with a key of its own stream, fold_in(step key, 1).
   """
-  gammas = tuple(float(g) for g in power_ema_gammas)
-  apply_update = functools.partial(_apply_update, tx, ema_decay, accumulation_steps, gammas)
+  gradient_step = make_gradient_step(model, augment_fn=augment_fn)
+  update_step = make_update_step(model, tx, schedule, ema_decay=ema_decay,
+                                 accumulation_steps=accumulation_steps,
+                                 power_ema_gammas=power_ema_gammas)
 
   def train_step(state, batch):
-    key = jax.random.fold_in(state.rng, state.step)
-    images = batch["image"]
-    if augment_fn is not None:
-      images = augment_fn(jax.random.fold_in(key, 1), images)
-
-    def loss_fn(params):
-      labels = batch["label"] if model.config.num_classes > 0 else None
-      loss, terms = model.loss(params, images, key, labels=labels, train=True)
-      return jnp.mean(losses.bits_per_dim(loss, model.num_dims)), terms
-
-    (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # One scalar decides the step: the global gradient norm is NaN/Inf exactly when a
-    # gradient element is (or their squares overflow float32). A skipped step keeps params,
-    # EMA and optimizer state bitwise (one lax.cond around the whole update; a jnp.where per
-    # leaf made XLA copy the reduction into every leaf's fusion: minutes of compile time).
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(bpd) & jnp.isfinite(grad_norm)
-    params, ema, opt_state, power_emas = jax.lax.cond(
-        finite, functools.partial(apply_update, grads), lambda *unchanged: unchanged,
-        state.params, state.ema_params, state.opt_state, state.power_emas)
-    gamma_fn = model.gamma_fn(params)
-    metrics = {"bpd": bpd, "grad_norm": jnp.where(finite, grad_norm, 0.0),
-               "learning_rate": schedule(update_count(state.opt_state)),
-               "gamma_0": jnp.squeeze(gamma_fn(jnp.zeros(()))),
-               "gamma_1": jnp.squeeze(gamma_fn(jnp.ones(()))),
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    for name in ("prior", "reconstruction", "diffusion"):
-      metrics[f"bpd_{name}"] = jnp.mean(losses.bits_per_dim(terms[name], model.num_dims))
-    return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                         opt_state=opt_state, power_emas=power_emas), metrics
+    return update_step(state, *gradient_step(state, batch))
 
   return train_step
 
