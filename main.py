@@ -101,11 +101,14 @@ def _exit_on_sigterm(signum, frame):
   """Raises SystemExit(128 + signum) in the main thread and remembers that it did.
 
   Python runs the handler between bytecodes of the main thread; if that happens inside
-  code that ignores exceptions (a __del__ or weakref callback), the SystemExit is lost,
-  so main() checks _SIGTERM_RECEIVED after the run returns.
+  code that ignores exceptions (a __del__ or weakref callback), the SystemExit is lost.
+  So training is also asked to stop after its current step (train.request_stop), and
+  main() checks _SIGTERM_RECEIVED after the run returns.
   """
   del frame
+  from vdm_jax import train  # pylint: disable=g-import-not-at-top (loaded by main already)
   _SIGTERM_RECEIVED.append(signum)
+  train.request_stop(128 + signum)
   sys.exit(128 + signum)
 
 

@@ -220,6 +220,27 @@ def test_resume_after_interruption_gives_bitwise_the_uninterrupted_params(
   assert metrics == expected_metrics
 
 
+def test_a_stop_request_ends_training_after_its_step_and_the_resumed_run_ends_bitwise(
+    trained, tmp_path):
+  """main.py's SIGTERM handler calls train.request_stop besides raising SystemExit (which
+  Python can lose inside a callback): asked at the step-5 log line, the loop finishes step
+  5's checkpoint, raises SystemExit(143) and releases the lock; the next run resumes from
+  5 (the request was served) and ends as the uninterrupted run ends."""
+  config, workdir, expected_metrics = trained
+  stop_at_5 = lambda step, scalars: train.request_stop(143) if step == 5 else None
+  with pytest.raises(SystemExit) as stopped:
+    train.train_and_evaluate(config, str(tmp_path), on_metrics=stop_at_5)
+  assert stopped.value.code == 143
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+  assert not (tmp_path / "LOCK").exists()
+  assert train.train_and_evaluate(config, str(tmp_path)) == expected_metrics
+  step, resumed, _ = _final_state(config, str(tmp_path))
+  _, uninterrupted, _ = _final_state(config, workdir)
+  assert step == 20
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_eval_mode_reproduces_the_last_training_evaluation(trained):
   config, workdir, metrics = trained
   result = train.evaluate(config, workdir)

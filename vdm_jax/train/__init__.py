@@ -20,6 +20,7 @@ from vdm_jax.train.errors import TrainingError
 from vdm_jax.train.inference import evaluate
 from vdm_jax.train.inference import restore
 from vdm_jax.train.inference import sample
+from vdm_jax.train.loop import request_stop
 from vdm_jax.train.loop import train_and_evaluate
 from vdm_jax.train.setup import Setup
 from vdm_jax.train.setup import get_setup
@@ -32,6 +33,7 @@ __all__ = [
     "default_config",
     "evaluate",
     "get_setup",
+    "request_stop",
     "restore",
     "sample",
     "train_and_evaluate",

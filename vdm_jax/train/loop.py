@@ -30,6 +30,19 @@ from vdm_jax.train.errors import CheckpointError
 from vdm_jax.train.errors import TrainingError
 
 PREFETCH_DEPTH = 2
+_STOP_REQUESTS: list[int] = []  # exit codes passed to request_stop, newest last
+
+
+def request_stop(exit_code: int) -> None:
+  """Asks the running training loop to raise SystemExit(exit_code) after its current step.
+
+  For signal handlers (main.py's on SIGTERM): the handler raises SystemExit itself, but
+  Python runs it between any two bytecodes of the main thread, and where that is inside
+  code that ignores exceptions (a __del__ or weakref callback) the SystemExit is lost.
+  The loop checks this request after every step, so training stops within one step
+  either way; pending checkpoint writes then finish and the workdir lock is released.
+  """
+  _STOP_REQUESTS.append(exit_code)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -349,6 +362,7 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
                                            every_steps=t.log_every)
   train_step, flops = setup.compiled_train_step()
+  _STOP_REQUESTS.clear()  # a request of an earlier run in this process has been served
   metrics = _Metrics(writer, _NonfiniteCounter(t.max_nonfinite_steps), flops)
   batches = _prefetch_to_device(setup, iterator, PREFETCH_DEPTH)
   metrics.restart_clock(start)
@@ -381,4 +395,6 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
       _save(manager, done, state, data_state)
     if evaluate or save or snapshot:
       metrics.restart_clock(done)
+    if _STOP_REQUESTS:
+      raise SystemExit(_STOP_REQUESTS.pop())
   return eval_metrics
