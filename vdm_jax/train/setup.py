@@ -35,10 +35,10 @@ class TwoProgramStep(NamedTuple):
   gradient: (state, batch) -> (grads, loss metrics); reads the state.
   update: (state, grads, loss metrics) -> (new state, metrics); donates the state.
   Either jitted functions or their compiled executables. Two programs rather than one
-  because XLA compiles them in parallel (Setup.compiled_train_step): on a 2-core CPU the
-  CIFAR-10 paper step then compiles in about 1.5x the bare network's jit(grad) time,
-  where the single fused program took 2.6-3.2x (benchmarks/train_throughput.py). The
-  gradients pass between them as device arrays; no host transfer.
+  because XLA compiles them side by side (Setup.compiled_train_step): on a 2-core CPU
+  the CIFAR-10 paper step lowered and compiled in 1.33x the bare network's jit(grad)
+  time, where the single fused program took 2.6-3.2x (benchmarks/train_throughput.py,
+  README). The gradients pass between them as device arrays; no host transfer.
   """
   gradient: Any
   update: Any
