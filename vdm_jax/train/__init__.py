@@ -5,6 +5,7 @@
   setup, step, state = vdm_jax.train.restore(config, workdir)   # the trained state
   vdm_jax.train.evaluate(config, workdir)          # test bits/dim of a checkpoint
   vdm_jax.train.sample(config, workdir)            # sample grids, .npy, GIF
+  vdm_jax.train.request_stop(143)                  # in a SIGTERM handler: stop after this step
 
 Modules: config (base config, validation), errors (typed errors), step (the pure train
 step, state, optimizer, EMA), setup (mesh, shardings, compiled step of one config),

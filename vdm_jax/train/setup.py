@@ -96,7 +96,7 @@ class Setup:
     return self._abstract_state
 
   @property
-  def train_step(self) -> "TwoProgramStep":
+  def train_step(self) -> TwoProgramStep:
     """The train step, (state, global batch) -> (state, metrics), as two jitted programs.
 
     step_lib.make_gradient_step (the state is read) then step_lib.make_update_step (the
@@ -123,7 +123,7 @@ class Setup:
                                           sharding=self.batch_sharding),
             "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=self.batch_sharding)}
 
-  def compiled_train_step(self) -> tuple["TwoProgramStep", Optional[float]]:
+  def compiled_train_step(self) -> tuple[TwoProgramStep, Optional[float]]:
     """(the train step compiled ahead of time, its FLOPs per step per device or None).
 
     XLA compiles the gradient program in a thread while Python lowers the update
