@@ -9,6 +9,7 @@ import pytest
 
 from vdm_jax import losses
 from vdm_jax import model as model_lib
+from vdm_jax import time_sampling
 
 TINY = dict(image_shape=(8, 8, 3), n_embd=32, n_layer=0, with_fourier_features=False,
             dropout=0.0)
@@ -49,6 +50,7 @@ def _random_params(model, rng):
     ("variance_minimising", True, "variance_minimising"), ("n_embd", 48, "n_embd"),
     ("fourier_exponents", (), "fourier_exponents"), ("fourier_exponents", (2.5,), "fourier_exponents"),
     ("fourier_exponents", (-1, 3), "fourier_exponents"),
+    ("time_proposal", (0.5, 0.6), "time_proposal"), ("time_proposal", (0.0, 1.0), "time_proposal"),
 ])
 def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
   with pytest.raises(ValueError, match=rf"ModelConfig\.{words}.*given {value!r}".replace("(", r"\(")
@@ -98,6 +100,32 @@ def test_at_init_the_score_unet_predicts_its_input_and_the_bound_is_consistent()
   # (1e-4 of its width sigma_0 / alpha_0): 192 pixels, 4e-3 nats.
   for name, value in core_terms.items():
     np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=4e-3, err_msg=name)
+
+
+def test_a_time_proposal_gives_the_importance_sampled_bound_of_the_core():
+  # model.loss with time_proposal q: t = quantile(q, u), diffusion / q(t), with the draws of
+  # vdm_jax.time_sampling.vdm_loss (whose unbiasedness tests/test_time_sampling.py checks).
+  rng = np.random.default_rng(1622)
+  probs = rng.uniform(0.2, 1.0, 8)
+  probs = tuple(float(p) for p in probs / probs.sum())
+  m = _model(time_proposal=probs)
+  plain = _model()
+  x = _x(rng, batch=4)
+  params = _random_params(m, rng)
+  key = jax.random.PRNGKey(rng.integers(2**31))
+  loss, metrics = jax.jit(lambda p: m.loss(p, x, key, train=False))(params)
+  key_noise, _ = jax.random.split(key)
+  proposal = time_sampling.TimeProposal(jnp.asarray(probs, jnp.float32))
+  core, core_terms = jax.jit(lambda p: time_sampling.vdm_loss(
+      m.eps_fn(p), m.gamma_fn(p), x, key_noise, proposal))(params)
+  np.testing.assert_allclose(loss, core, rtol=1e-5)
+  np.testing.assert_allclose(metrics["diffusion"], core_terms["diffusion"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["bpd"], loss / (192 * math.log(2)), rtol=1e-6)
+  # The weights matter: without the proposal the same key gives other times and terms.
+  plain_loss, _ = jax.jit(lambda p: plain.loss(p, x, key, train=False))(params)
+  assert np.all(np.abs(np.asarray(plain_loss) - np.asarray(loss)) > 1e-3 * np.abs(plain_loss))
+  with pytest.raises(ValueError, match="time_proposal.*num_steps"):
+    model_lib.ModelConfig(**{**TINY, "time_proposal": probs, "num_steps": 10})
 
 
 def test_loss_is_float32_with_bfloat16_compute():

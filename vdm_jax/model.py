@@ -24,6 +24,7 @@ from vdm_jax import decoders
 from vdm_jax import losses
 from vdm_jax import nets
 from vdm_jax import schedules
+from vdm_jax import time_sampling
 from vdm_jax import variance_minimising
 from vdm_jax.sampling import guidance
 from vdm_jax.typing import EpsFn, GammaFn, Params, PRNGKey, Terms
@@ -62,6 +63,9 @@ class ModelConfig:
   num_steps: int = 0  # T: 0 = continuous time
   antithetic: bool = True
   variance_minimising: bool = False  # VDM appendix I.2, needs schedule="learned_monotone"
+  # Times t ~ q in `loss` (importance sampling, vdm_jax.time_sampling): q's M equal-bin
+  # probabilities, renormalised to sum 1; () = uniform t.
+  time_proposal: Tuple[float, ...] = ()
   label_dropout: float = 0.1  # classifier-free guidance training
   dtype: str = "float32"  # compute dtype; params and loss stay float32
 
@@ -71,6 +75,7 @@ class ModelConfig:
     object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
     self._check_basic()
     self._check_network()
+    self._check_time_proposal()
 
   def _check_basic(self):
     if not (_numerics.is_int(self.vocab_size) and self.vocab_size >= 2):
@@ -100,6 +105,17 @@ class ModelConfig:
       _fail("variance_minimising", "False unless schedule='learned_monotone'", True)
     if self.variance_minimising and self.num_steps != 0:
       _fail("num_steps", "0 (continuous time) with variance_minimising", self.num_steps)
+
+  def _check_time_proposal(self):
+    q = self.time_proposal
+    is_probability = lambda p: isinstance(p, (int, float, np.number)) and not isinstance(
+        p, bool) and 0 < p <= 1
+    if not (isinstance(q, (tuple, list)) and all(is_probability(p) for p in q)
+            and (not q or abs(sum(q) - 1.0) <= 1e-3)):
+      _fail("time_proposal", "() or a tuple of positive bin probabilities summing to 1", q)
+    if q and (self.num_steps or self.variance_minimising):
+      _fail("time_proposal", "() with num_steps > 0 or variance_minimising", q)
+    object.__setattr__(self, "time_proposal", tuple(float(p) / sum(q) for p in q))
 
   def _check_network(self):
     h, w, _ = self.image_shape
@@ -288,7 +304,10 @@ class VDM:
     Draws eps0, t (antithetic if configured) and eps from `key` as vdm_jax.losses.vdm_loss
     does; dropout and label dropout (train=True, probability label_dropout of the null
     label) use keys split from it too. With variance_minimising the schedule's shape gets
-    the gradient of E[L_diff^2] (variance_minimising.variance_minimising_vdm_loss).
+    the gradient of E[L_diff^2] (variance_minimising.variance_minimising_vdm_loss). With a
+    time_proposal q, t = quantile(q, u) and the diffusion term is divided by q(t): the
+    same expectation, with less variance for a q close to sqrt(E[L(t)^2])
+    (vdm_jax.time_sampling.vdm_loss).
 
     Args:
       params: from `init`.
@@ -305,8 +324,15 @@ class VDM:
     key_noise, key_net = jax.random.split(key)
     x = self.check_x(x)
     t, eps, eps0 = losses.draw_noise(key_noise, x.shape, antithetic=self.config.antithetic)
-    return self.loss_from_noise(params, x, t, eps, eps0, labels=labels, conditioning=conditioning,
-                                train=train, key=key_net)
+    if not self.config.time_proposal:
+      return self.loss_from_noise(params, x, t, eps, eps0, labels=labels,
+                                  conditioning=conditioning, train=train, key=key_net)
+    proposal = time_sampling.TimeProposal(jnp.asarray(self.config.time_proposal, jnp.float32))
+    t = time_sampling.quantile(proposal, t)
+    _, terms = self.loss_from_noise(params, x, t, eps, eps0, labels=labels,
+                                    conditioning=conditioning, train=train, key=key_net)
+    terms["diffusion"] = terms["diffusion"] * time_sampling.importance_weights(proposal, t)
+    return self._metrics(losses.bound_from_terms(terms), terms)
 
   def loss_from_noise(self, params: Params, x: ArrayLike, t: ArrayLike, eps: ArrayLike,
                       eps0: ArrayLike, *, labels: ArrayLike | None = None,
