@@ -108,14 +108,14 @@ class ModelConfig:
 
   def _check_time_proposal(self):
     q = self.time_proposal
-    is_probability = lambda p: isinstance(p, (int, float, np.number)) and not isinstance(
-        p, bool) and 0 < p <= 1
-    if not (isinstance(q, (tuple, list)) and all(is_probability(p) for p in q)
+    is_number = lambda p: isinstance(p, (int, float, np.number)) and not isinstance(p, bool)
+    if not (isinstance(q, (tuple, list)) and all(is_number(p) and 0 < p <= 1 for p in q)
             and (not q or abs(sum(q) - 1.0) <= 1e-3)):
       _fail("time_proposal", "() or a tuple of positive bin probabilities summing to 1", q)
     if q and (self.num_steps or self.variance_minimising):
       _fail("time_proposal", "() with num_steps > 0 or variance_minimising", q)
-    object.__setattr__(self, "time_proposal", tuple(float(p) / sum(q) for p in q))
+    total = sum(q)
+    object.__setattr__(self, "time_proposal", tuple(float(p) / total for p in q))
 
   def _check_network(self):
     h, w, _ = self.image_shape
@@ -328,11 +328,10 @@ class VDM:
       return self.loss_from_noise(params, x, t, eps, eps0, labels=labels,
                                   conditioning=conditioning, train=train, key=key_net)
     proposal = time_sampling.TimeProposal(jnp.asarray(self.config.time_proposal, jnp.float32))
-    t = time_sampling.quantile(proposal, t)
-    _, terms = self.loss_from_noise(params, x, t, eps, eps0, labels=labels,
-                                    conditioning=conditioning, train=train, key=key_net)
-    terms["diffusion"] = terms["diffusion"] * time_sampling.importance_weights(proposal, t)
-    return self._metrics(losses.bound_from_terms(terms), terms)
+    x, eps_fn = self._prepare(params, x, labels, conditioning, train, key_net)
+    return self._metrics(*time_sampling.vdm_loss_from_noise(
+        eps_fn, self.gamma_fn(params), x, time_sampling.quantile(proposal, t), eps, eps0,
+        proposal, vocab_size=self.config.vocab_size))
 
   def loss_from_noise(self, params: Params, x: ArrayLike, t: ArrayLike, eps: ArrayLike,
                       eps0: ArrayLike, *, labels: ArrayLike | None = None,
