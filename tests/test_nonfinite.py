@@ -27,6 +27,7 @@ from train_helpers import NAN_LOSS
 from train_helpers import PoisonedModel
 from train_helpers import assert_params_match
 from train_helpers import hook_train_batches
+from train_helpers import NOISE_PROOF_ADAM_EPS
 from train_helpers import tiny_config
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,7 @@ def accumulating():
   MultiSteps, the jitted gradient of the step's loss at given params, images and key)."""
   config = tiny_config()
   config.optimizer.warmup_steps, config.optimizer.decay = 0, "constant"
+  config.optimizer.eps = NOISE_PROOF_ADAM_EPS
   plain = config_lib.optimizer_from_config(config)[0]
   config.optimizer.accumulation_steps = 2
   setup = train.Setup(config)
@@ -233,8 +235,9 @@ def _adamw_and_ema(plain, decay, gradients, opt_state, params, ema_params):
 
 def _assert_close(actual, expected, lr, num_updates):
   """float32: the step's gradients and these differ in rounding only (fused differently),
-  which Adam passes on as that relative error of lr, except where an exact gradient is ~0:
-  there Adam turns the float noise into up to +-lr steps (train_helpers.assert_params_match)."""
+  which Adam passes on as that relative error of lr; the fixture's Adam eps
+  (NOISE_PROOF_ADAM_EPS) keeps exactly-zero gradients' rounding noise from becoming
+  +-lr steps (train_helpers.assert_params_match allows a few such elements anyway)."""
   assert_params_match(actual, expected, learning_rates=[lr] * num_updates, rtol=1e-6)
 
 

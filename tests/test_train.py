@@ -17,6 +17,7 @@ from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
 from vdm_jax import train
 from vdm_jax.train import step as step_lib
+from train_helpers import NOISE_PROOF_ADAM_EPS
 from train_helpers import tiny_config
 from train_helpers import train_until_preempted_at_batch
 
@@ -152,7 +153,9 @@ def test_train_step_reports_the_bound_at_its_documented_key_and_moves_params_aft
 def test_the_two_compiled_programs_equal_the_fused_train_step():
   # Setup runs make_gradient_step and make_update_step as two programs; make_train_step
   # is their composition as one function. Three steps (the first has lr 0) from one state.
-  setup = train.get_setup(tiny_config())
+  config = tiny_config()
+  config.optimizer.eps = NOISE_PROOF_ADAM_EPS
+  setup = train.get_setup(config)
   o = setup.config.optimizer
   fused = jax.jit(step_lib.make_train_step(
       setup.model, setup.tx, setup.schedule, ema_decay=o.ema_decay,
