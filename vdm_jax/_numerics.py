@@ -10,6 +10,11 @@ def is_int(value: object) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def is_number(value: object) -> bool:
+  """True for Python ints and floats (bool excluded; numpy float64 is a float); False else."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def sum_per_example(values: jax.Array) -> jax.Array:
   """Sums an array [B, ...] over all but the first axis: sum_{i > 0} values[b, i], [B].
 

@@ -108,8 +108,7 @@ class ModelConfig:
 
   def _check_time_proposal(self):
     q = self.time_proposal
-    is_number = lambda p: isinstance(p, (int, float, np.number)) and not isinstance(p, bool)
-    if not (isinstance(q, (tuple, list)) and all(is_number(p) and 0 < p <= 1 for p in q)
+    if not (isinstance(q, (tuple, list)) and all(_numerics.is_number(p) and 0 < p <= 1 for p in q)
             and (not q or abs(sum(q) - 1.0) <= 1e-3)):
       _fail("time_proposal", "() or a tuple of positive bin probabilities summing to 1", q)
     if q and (self.num_steps or self.variance_minimising):

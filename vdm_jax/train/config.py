@@ -113,10 +113,6 @@ def _require(ok, message):
     raise ConfigError(message)
 
 
-def _is_number(value):
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _validate_training(config):
   t, e, s = config.training, config.eval, config.sample
   for name, value in (("training.num_steps", t.num_steps), ("training.batch_size", t.batch_size),
@@ -145,7 +141,7 @@ def _validate_eval_method(e):
            f"eval.ode_dequantization must be one of {tuple(ode_likelihood.DEQUANTIZERS)}, got "
            f"{e.ode_dequantization!r}")
   for name in ("ode_rtol", "ode_atol"):
-    _require(_is_number(e[name]) and e[name] > 0, f"eval.{name} must be > 0, got {e[name]!r}")
+    _require(_numerics.is_number(e[name]) and e[name] > 0, f"eval.{name} must be > 0, got {e[name]!r}")
   _require(_numerics.is_int(e.ode_num_probes) and e.ode_num_probes > 0,
            f"eval.ode_num_probes must be a positive integer, got {e.ode_num_probes!r}")
 
@@ -168,7 +164,7 @@ def _validate_optimizer(config):
   o = config.optimizer
   for name in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm",
                "ema_decay"):
-    _require(_is_number(o[name]), f"optimizer.{name} must be a number, got {o[name]!r}")
+    _require(_numerics.is_number(o[name]), f"optimizer.{name} must be a number, got {o[name]!r}")
   _require(o.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
   for name in ("b1", "b2", "ema_decay"):
     _require(0.0 <= o[name] < 1.0, f"optimizer.{name} must be in [0, 1), got {o[name]}")
@@ -185,7 +181,7 @@ def _validate_optimizer(config):
 
 def _check_sigma_rels(name, values):
   """A tuple of distinct EMA widths in (0, ema.MAX_SIGMA_REL]."""
-  _require(isinstance(values, (tuple, list)) and all(_is_number(v) for v in values),
+  _require(isinstance(values, (tuple, list)) and all(_numerics.is_number(v) for v in values),
            f"{name} must be a tuple of numbers, got {values!r}; e.g. --config.{name}='(0.05, 0.1)'")
   for v in values:
     _require(0.0 < v <= ema.MAX_SIGMA_REL, f"{name} has {v}, outside (0, "
