@@ -39,7 +39,7 @@ OVERRIDES = {**{f"model.{name}": value for name, value in TINY_MODEL.items()},
              "training.checkpoint_every": EVERY, "training.keep_checkpoints": 2,
              "training.eval_every": 0, "optimizer.warmup_steps": 2, "eval.batch_size": 16,
              "eval.num_examples": 16, "sample.num_images": 4, "sample.num_steps": 4,
-             "sample.gif_frames": 2, "data.num_threads": 0}
+             "sample.gif_frames": 2, "data.num_threads": 0, "training.tensorboard": False}
 FLAGS = ["--config=configs/digits.py", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
 STEP_LINE = re.compile(r"\[(\d+)\] train/")
 SAVING_LINE = re.compile(r"saving checkpoint (\d+)$")

@@ -24,7 +24,8 @@ OVERRIDES = {"model.network": "score_unet", "model.n_embd": 64, "model.n_layer":
              "model.dropout": 0.1,
              "training.batch_size": 8, "training.num_steps": 5, "training.log_every": 5,
              "training.checkpoint_every": 5, "training.eval_every": 0, "eval.batch_size": 8,
-             "eval.num_examples": 16, "sample.num_images": 2, "sample.num_steps": 2}
+             "eval.num_examples": 16, "sample.num_images": 2, "sample.num_steps": 2,
+             "training.tensorboard": False}
 
 
 def _config():

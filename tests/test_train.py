@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
   """An uninterrupted 20-step run (checkpoints every 5), its workdir and eval metrics."""
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   config = tiny_config()
+  config.training.tensorboard = True  # the events file is checked below
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 

@@ -32,6 +32,7 @@ def tiny_config(num_steps=20):
   config.sample.num_images = 4
   config.sample.num_steps = 6
   config.sample.gif_frames = 3
+  config.training.tensorboard = False  # log only: no TensorFlow import in the tests' trainers
   return config
 
 

@@ -55,6 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       max_nonfinite_steps=10,  # stop after this many non-finite steps in a row (each is skipped)
       ema_snapshot_every=0,    # optimizer updates between power-EMA snapshots; 0: at checkpoints
+      tensorboard=True,        # False: metrics go to the log only, and TensorFlow (clu's
+                               # TensorBoard writer) is never imported: a faster, smaller process
   ))
   config.eval = _eval_section()
   config.sample = ml_collections.ConfigDict(dict(
@@ -128,6 +130,8 @@ def _validate_training(config):
              f"{name} must be a positive integer, got {value!r}")
   _require(_numerics.is_int(t.eval_every) and t.eval_every >= 0, f"training.eval_every must be "
            f"an integer >= 0 (0: only at the end), got {t.eval_every!r}")
+  _require(isinstance(t.tensorboard, bool),
+           f"training.tensorboard must be True or False, got {t.tensorboard!r}")
   _require(_numerics.is_int(e.num_examples) and e.num_examples >= 0,
            f"eval.num_examples must be an integer >= 0 (0: all), got {e.num_examples!r}")
   _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")

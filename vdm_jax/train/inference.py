@@ -203,9 +203,9 @@ def evaluate_and_draw(setup: setup_lib.Setup, state: step_lib.TrainState, test_s
                       elapsed_s: Optional[float] = None) -> dict[str, float]:
   """Test bits/dim with EMA params, a sample grid, the gamma(t) plot and the learning curve.
 
-  test_source is the test split (data.load_sources), writer a clu metric writer; baseline, the
-  per-pixel categorical bits/dim, is logged next to the model's; elapsed_s, the run's wall
-  time so far, goes with the result into workdir/eval_history.jsonl and
+  test_source is the test split (data.load_sources), writer from reporting.make_writer;
+  baseline, the per-pixel categorical bits/dim, is logged next to the model's; elapsed_s,
+  the run's wall time so far, goes with the result into workdir/eval_history.jsonl and
   workdir/plots/learning_curve.png. Returns the metrics of setup.evaluate_params ("bpd",
   "bpd_stderr", "bpd_<term>", "num_examples").
   """

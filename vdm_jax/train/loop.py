@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from vdm_jax.train import artifacts
@@ -23,7 +22,7 @@ from vdm_jax.train import data
 from vdm_jax.train import ema_snapshots
 from vdm_jax.train import inference
 from vdm_jax.train import lock
-from vdm_jax.train import performance
+from vdm_jax.train import reporting
 from vdm_jax.train import run_record
 from vdm_jax.train import setup as setup_lib
 from vdm_jax.train.errors import CheckpointError
@@ -77,65 +76,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with lock.WorkdirLock(workdir):
     return run(setup, sources, workdir, on_metrics, config=config,
                allow_config_change=allow_config_change)
-
-
-class _CallbackWriter:
-  """Duck-types a clu MetricWriter (for clu's MultiWriter): scalars go to a callback."""
-
-  def __init__(self, callback):
-    self._callback = callback
-
-  def write_scalars(self, step, scalars):
-    self._callback(int(step), {k: float(v) for k, v in scalars.items()})
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_hparams(self, hparams):
-    del hparams
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-class _NonfiniteCounter:
-  """Counts consecutive skipped (NaN/Inf) steps from their flags, read back in order."""
-
-  def __init__(self, limit):
-    self.limit, self.consecutive, self.total = limit, 0, 0
-
-  def observe(self, step, flag):
-    """Takes step `step`'s flag (1.0: skipped); raises TrainingError at `limit` in a row."""
-    if flag == 0.0:
-      self.consecutive = 0
-      return
-    self.consecutive += 1
-    self.total += 1
-    logging.warning("step %d: non-finite loss or gradient; step skipped (params unchanged), "
-                    "%d in a row, %d in all", step, self.consecutive, self.total)
-    if self.consecutive >= self.limit:
-      raise TrainingError(
-          f"training diverged: {self.consecutive} consecutive steps up to step {step} had a "
-          f"non-finite loss or gradient (training.max_nonfinite_steps={self.limit}); lower "
-          f"optimizer.learning_rate or check the data, then resume from the last checkpoint")
 
 
 def _prefetch_to_device(setup, iterator, depth):
@@ -249,44 +189,6 @@ def _start(setup, config, source, manager, workdir, allow_config_change):
   return start, state, iterator
 
 
-class _Metrics:
-  """Per-step metrics kept on device until a boundary reads them all back at once."""
-
-  def __init__(self, writer, nonfinite, flops_per_step):
-    self.writer, self.nonfinite, self.flops_per_step = writer, nonfinite, flops_per_step
-    self.pending, self.checked, self.clock = [], 0, None
-
-  def add(self, step, metrics):
-    self.pending.append((step, metrics))
-
-  def check_nonfinite(self):
-    """Reads the not yet checked flags (one transfer) and counts them in step order."""
-    unchecked = self.pending[self.checked:]
-    flags = jax.device_get([m["nonfinite"] for _, m in unchecked])
-    for (step, _), flag in zip(unchecked, flags, strict=True):
-      self.nonfinite.observe(step, float(flag))
-    self.checked = len(self.pending)
-
-  def write(self, step):
-    """Writes the means since the last write, with steps/s, TFLOP/s per device and MFU."""
-    self.check_nonfinite()
-    values = jax.device_get([m for _, m in self.pending])
-    means = jax.tree.map(lambda *xs: float(jnp.mean(jnp.asarray(xs))), *values)
-    scalars = {f"train/{k}": v for k, v in means.items()}
-    now = time.perf_counter()
-    if self.clock is not None:
-      rate = (step - self.clock[0]) / (now - self.clock[1])
-      scalars["train/steps_per_sec"] = rate  # training only: evaluations and saves excluded
-      scalars.update(performance.utilisation(rate, self.flops_per_step))
-    self.writer.write_scalars(step, scalars)
-    self.pending, self.checked = [], 0
-    self.restart_clock(step)
-
-  def restart_clock(self, step):
-    """Time from here (after evaluation or checkpointing, which are not training)."""
-    self.clock = (step, time.perf_counter())
-
-
 def run(setup: setup_lib.Setup, sources: dict, workdir: str,
         on_metrics: Optional[Callable[[int, dict], None]] = None, *,
         config: Optional[ml_collections.ConfigDict] = None,
@@ -311,7 +213,7 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str,
                                      max_to_keep=t.keep_checkpoints)
   start, state, iterator = _start(setup, config, sources["train"], manager, workdir,
                                   allow_config_change)
-  writer = _make_writer(workdir, on_metrics)
+  writer = reporting.make_writer(workdir, on_metrics, tensorboard=t.tensorboard)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   snapshots = _Snapshots(config, workdir)
@@ -335,18 +237,6 @@ def run(setup: setup_lib.Setup, sources: dict, workdir: str,
   return eval_metrics
 
 
-def _make_writer(workdir, on_metrics):
-  """clu's default writer (logs; TensorBoard events on process 0), plus the callback.
-
-  clu's writers import TensorFlow (about 5 s): a refused resume fails before paying it.
-  """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
-  if on_metrics is None:
-    return writer
-  return metric_writers.MultiWriter([writer, _CallbackWriter(on_metrics)])
-
-
 def _train(setup, sources, workdir, start_state, iterator, stores, writer):
   """The steps from start to training.num_steps, with their logs, evaluations and saves.
 
@@ -354,18 +244,15 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
   first, and pending snapshots are finished before each checkpoint: a checkpoint never
   gets ahead of the snapshots, so a resumed run writes every snapshot once.
   """
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   t = setup.config.training
   start, state = start_state
   manager, snapshots = stores
   baseline = data.categorical_baseline(sources, setup.config.model.vocab_size)
-  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
-                                           every_steps=t.log_every)
   train_step, flops = setup.compiled_train_step()
   _STOP_REQUESTS.clear()  # a request of an earlier run in this process has been served
-  metrics = _Metrics(writer, _NonfiniteCounter(t.max_nonfinite_steps), flops)
+  metrics = reporting.Metrics(writer, reporting.NonfiniteCounter(t.max_nonfinite_steps), flops,
+                              start=start, num_steps=t.num_steps)
   batches = _prefetch_to_device(setup, iterator, PREFETCH_DEPTH)
-  metrics.restart_clock(start)
   history = artifacts.read_eval_history(workdir)  # wall time continues across resumes
   clock = time.perf_counter() - (history[-1]["elapsed_s"] or 0.0 if history else 0.0)
   eval_metrics = {}
@@ -374,7 +261,6 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
     state, step_metrics = train_step(state, batch)
     done = step + 1
     metrics.add(done, step_metrics)
-    report(done)
     last = done == t.num_steps
     evaluate = (t.eval_every and done % t.eval_every == 0) or last
     save = done % t.checkpoint_every == 0 or last
@@ -384,10 +270,8 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
     if evaluate or save or snapshot:
       metrics.check_nonfinite()
     if evaluate:
-      with report.timed("eval"):
-        eval_metrics = inference.evaluate_and_draw(setup, state, sources["test"], done,
-                                                   workdir, writer, baseline,
-                                                   time.perf_counter() - clock)
+      eval_metrics = inference.evaluate_and_draw(setup, state, sources["test"], done, workdir,
+                                                 writer, baseline, time.perf_counter() - clock)
     if snapshot:
       snapshots.save(done, state)
     if save:

@@ -25,7 +25,8 @@ CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 # Fields (or sections, ending in ".") that a resume may change without --allow_config_change.
 RESUMABLE = ("training.num_steps", "training.log_every", "training.eval_every",
-             "training.checkpoint_every", "training.keep_checkpoints", "eval.", "sample.",
+             "training.checkpoint_every", "training.keep_checkpoints", "training.tensorboard",
+             "eval.", "sample.",
              "data.num_threads", "data.prefetch_batches")
 _ABSENT = "<absent>"
 
