@@ -22,35 +22,42 @@ class LogWriter:
   """Writes to the log only, in the format of clu's LoggingWriter ("[step] name=value, ...")."""
 
   def write_scalars(self, step: int, scalars: dict) -> None:
+    """Logs "[step] name=value, ..." with the names sorted and values to 6 digits."""
     text = ", ".join(f"{name}={float(value):.6g}" for name, value in sorted(scalars.items()))
     logging.info("[%d] %s", step, text)
 
   def write_images(self, step: int, images: dict) -> None:
+    """Logs the shape of each image batch ({name: [N, H, W, C] array})."""
     logging.info("[%d] Got images: %s.", step, {k: np.shape(v) for k, v in images.items()})
 
   def write_hparams(self, hparams: dict) -> None:
+    """Logs the hyperparameters ({name: value})."""
     logging.info("[Hyperparameters] %s", hparams)
 
   def flush(self) -> None:
-    pass
+    """Nothing to flush: each line is logged as it is written."""
 
   def close(self) -> None:
-    pass
+    """Nothing to close."""
 
 
 class CallbackWriter(LogWriter):
   """Scalars go to callback(step, {name: float}); everything else is dropped."""
 
-  def __init__(self, callback: Callable[[int, dict], None]):
+  def __init__(self, callback: Callable[[int, dict], None]) -> None:
+    """callback(step, {name: float}) receives every write_scalars call."""
     self._callback = callback
 
   def write_scalars(self, step: int, scalars: dict) -> None:
+    """callback(step, scalars as floats)."""
     self._callback(int(step), {k: float(v) for k, v in scalars.items()})
 
   def write_images(self, step: int, images: dict) -> None:
+    """Drops the images."""
     del step, images
 
   def write_hparams(self, hparams: dict) -> None:
+    """Drops the hyperparameters."""
     del hparams
 
 
@@ -98,7 +105,8 @@ def make_writer(workdir: str, on_metrics: Optional[Callable[[int, dict], None]] 
 class NonfiniteCounter:
   """Counts consecutive skipped (NaN/Inf) steps from their flags, read back in order."""
 
-  def __init__(self, limit: int):
+  def __init__(self, limit: int) -> None:
+    """limit: training.max_nonfinite_steps, the skipped steps in a row that stop training."""
     self.limit, self.consecutive, self.total = limit, 0, 0
 
   def observe(self, step: int, flag: float) -> None:
@@ -127,13 +135,16 @@ class Metrics:
   """
 
   def __init__(self, writer: Any, nonfinite: NonfiniteCounter,
-               flops_per_step: Optional[float], *, start: int, num_steps: int):
+               flops_per_step: Optional[float], *, start: int, num_steps: int) -> None:
+    """writer from make_writer; flops_per_step of the compiled step (None: unknown); start,
+    the run's first step (0, or the resumed checkpoint's); num_steps, training.num_steps."""
     self.writer, self.nonfinite, self.flops_per_step = writer, nonfinite, flops_per_step
     self.pending, self.checked = [], 0
     self.num_steps, self.run_clock = num_steps, (start, time.perf_counter())
     self.restart_clock(start)
 
   def add(self, step: int, metrics: dict) -> None:
+    """Keeps step `step`'s metrics ({name: device scalar}, with "nonfinite") until a write."""
     self.pending.append((step, metrics))
 
   def check_nonfinite(self) -> None:
