@@ -49,7 +49,7 @@ def test_diff_names_each_changed_field_and_only_listed_fields_are_resumable():
   config.model.image_shape = (8, 8, 2)
   assert run_record.diff(old, run_record.flatten(config)) == {
       "eval.batch_size": (16, 32), "model.image_shape": ([8, 8, 1], [8, 8, 2]),
-      "optimizer.learning_rate": (2e-3, 1e-3)}
+      "optimizer.learning_rate": (old["optimizer.learning_rate"], 1e-3)}
   assert run_record.diff({"a.b": 1}, {"a.c": 1}) == {"a.b": (1, "<absent>"), "a.c": ("<absent>", 1)}
   resumable = ["training.num_steps", "training.log_every", "training.eval_every",
                "training.checkpoint_every", "training.keep_checkpoints", "eval.batch_size",
@@ -72,6 +72,7 @@ def test_resume_with_a_changed_learning_rate_is_refused_naming_it_and_writes_not
   config, workdir = five_steps
   workdir = _copy(workdir, tmp_path)
   config = config.copy_and_resolve_references()
+  old_learning_rate = config.optimizer.learning_rate  # configs/digits.py's
   config.optimizer.learning_rate = 1e-3
   config.optimizer.ema_decay = 0.99
   config.training.num_steps = 8  # allowed: not named
@@ -80,7 +81,7 @@ def test_resume_with_a_changed_learning_rate_is_refused_naming_it_and_writes_not
     train.train_and_evaluate(config, str(workdir))
   message = str(info.value)
   assert "\n" not in message
-  assert "optimizer.learning_rate 0.002 -> 0.001" in message
+  assert f"optimizer.learning_rate {old_learning_rate!r} -> 0.001" in message
   assert "optimizer.ema_decay 0.998 -> 0.99" in message
   assert "num_steps" not in message and "--allow_config_change" in message
   assert snapshot(workdir) == before
@@ -115,17 +116,18 @@ def _main(workdir, *flags):
 
 def test_main_refuses_a_changed_learning_rate_and_resumes_with_allow_config_change(
     five_steps, tmp_path):
-  _, workdir = five_steps
+  config, workdir = five_steps
   workdir = _copy(workdir, tmp_path)
+  old = config.optimizer.learning_rate  # configs/digits.py's
   refused = _main(workdir, "--config.optimizer.learning_rate=0.001")
   assert refused.returncode == 1, refused.stderr[-3000:]
   (line,) = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
-  assert "optimizer.learning_rate 0.002 -> 0.001" in line and "Traceback" not in refused.stderr
+  assert f"optimizer.learning_rate {old!r} -> 0.001" in line and "Traceback" not in refused.stderr
   allowed = _main(workdir, "--config.optimizer.learning_rate=0.001",
                   "--config.training.num_steps=7", "--allow_config_change")
   assert allowed.returncode == 0, allowed.stderr[-3000:]
-  assert "optimizer.learning_rate 0.002 -> 0.001" in allowed.stderr  # logged
+  assert f"optimizer.learning_rate {old!r} -> 0.001" in allowed.stderr  # logged
   assert "7" in os.listdir(workdir / "checkpoints")
   assert _recorded(workdir)["optimizer.learning_rate"] == 0.001
-  assert _changes(workdir) == [{"optimizer.learning_rate": {"old": 0.002, "new": 0.001},
+  assert _changes(workdir) == [{"optimizer.learning_rate": {"old": old, "new": 0.001},
                                 "training.num_steps": {"old": 5, "new": 7}}]
