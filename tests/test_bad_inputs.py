@@ -145,6 +145,8 @@ CASES = [
      "eval.num_time_samples must be a positive"),
     ("eval_examples_negative", _set("eval.num_examples", -1),
      "eval.num_examples must be an integer >= 0"),
+    ("tensorboard_none", _set("training.tensorboard", None),
+     "training.tensorboard must be True or False, got None"),
     ("sample_steps_zero", _set("sample.num_steps", 0), "sample.num_steps must be a positive"),
     ("sampler_unknown", _set("sample.sampler", "euler"), "sample.sampler must be one of"),
     ("lr_zero", _set("optimizer.learning_rate", 0.0), "optimizer.learning_rate must be > 0"),
