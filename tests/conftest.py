@@ -13,8 +13,8 @@ The tests' programs are tiny, so XLA's CPU backend compiles them without LLVM's
 expensive optimisations and with its older loop emitters instead of the MLIR fusion
 emitters (XLA_FLAGS below, inherited by subprocesses; a test that adds flags appends to
 them). The first cut about a quarter of the suite's time here, the emitters about a
-fifth more (615 -> 484 s, 2026-12-01). The HLO passes, where the train step's compile blow-up of issue 11 lived,
-still run.
+fifth more (615 -> 484 s, 2026-12-01). The HLO passes, where the train step's compile
+blow-up of issue 11 lived, still run.
 """
 import os
 import pathlib

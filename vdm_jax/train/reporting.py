@@ -41,7 +41,7 @@ class LogWriter:
     """Nothing to close."""
 
 
-class CallbackWriter(LogWriter):
+class CallbackWriter:
   """Scalars go to callback(step, {name: float}); everything else is dropped."""
 
   def __init__(self, callback: Callable[[int, dict], None]) -> None:
@@ -59,6 +59,12 @@ class CallbackWriter(LogWriter):
   def write_hparams(self, hparams: dict) -> None:
     """Drops the hyperparameters."""
     del hparams
+
+  def flush(self) -> None:
+    """Nothing to flush: each call reaches the callback at once."""
+
+  def close(self) -> None:
+    """Nothing to close."""
 
 
 class _Writers:
@@ -156,7 +162,8 @@ class Metrics:
     self.checked = len(self.pending)
 
   def write(self, step: int) -> None:
-    """Writes the means since the last write, with steps/s, TFLOP/s per device and MFU."""
+    """Writes the means since the last write, with steps/s, TFLOP/s per device and MFU,
+    then logs the progress line (step, percentage, ETA)."""
     self.check_nonfinite()
     values = jax.device_get([m for _, m in self.pending])
     means = jax.tree.map(lambda *xs: float(jnp.mean(jnp.asarray(xs))), *values)
