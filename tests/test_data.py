@@ -40,6 +40,23 @@ def test_digits_split_is_fixed_1500_297_disjoint_and_in_vocab():
   _assert_pipelines_read(train, test, batch_size=32)
 
 
+def test_digits_read_from_sklearns_file_are_sklearns_load_digits_split_by_seed_0():
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  order = np.random.default_rng(0).permutation(len(digits.images))
+  for split, idx in (("train", order[:1500]), ("test", order[1500:])):
+    source = data.load_digits(split)
+    np.testing.assert_array_equal(source.images, digits.images[idx, :, :, None])
+    np.testing.assert_array_equal(source.labels, digits.target[idx])
+    assert source.images.dtype == source.labels.dtype == np.int32
+
+
+def test_digits_without_sklearn_fail_naming_the_install(monkeypatch):
+  monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(data.ConfigError, match=r"scikit-learn.*pip install -e '.\[train\]'"):
+    data.load_digits("train")
+
+
 def _shard(index, count):
   return grain.sharding.ShardOptions(shard_index=index, shard_count=count)
 
