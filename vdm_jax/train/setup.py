@@ -131,25 +131,15 @@ class Setup:
     calls it directly.
     """
     if self._compiled_train_step is None:
-      self._compiled_train_step = self.compile_train_step()
+      step, state = self.train_step, self.abstract_state()
+      with futures.ThreadPoolExecutor(2) as pool:
+        gradient_lowered = step.gradient.lower(state, self.abstract_batch())
+        gradient = pool.submit(gradient_lowered.compile)
+        update = pool.submit(step.update.lower(state, *gradient_lowered.out_info).compile)
+        compiled = TwoProgramStep(gradient.result(), update.result())
+      flops = [performance.flops_of(program) for program in compiled]
+      self._compiled_train_step = compiled, (None if None in flops else sum(flops))
     return self._compiled_train_step
-
-  def compile_train_step(self, compiler_options: Optional[dict[str, Any]] = None
-                         ) -> tuple[TwoProgramStep, Optional[float]]:
-    """Lowers and compiles the train step afresh; compiled_train_step's result, uncached.
-
-    compiler_options: XLA options for both programs (jax.stages.Lowered.compile), e.g.
-    {"xla_cpu_use_fusion_emitters": True}; None keeps the process's XLA_FLAGS.
-    """
-    step, state = self.train_step, self.abstract_state()
-    compile_fn = lambda lowered: lowered.compile(compiler_options)
-    with futures.ThreadPoolExecutor(2) as pool:
-      gradient_lowered = step.gradient.lower(state, self.abstract_batch())
-      gradient = pool.submit(compile_fn, gradient_lowered)
-      update = pool.submit(compile_fn, step.update.lower(state, *gradient_lowered.out_info))
-      compiled = TwoProgramStep(gradient.result(), update.result())
-    flops = [performance.flops_of(program) for program in compiled]
-    return compiled, (None if None in flops else sum(flops))
 
   def _eval_loss(self, params, batch, key):
     labels = batch["label"] if self.conditional else None
