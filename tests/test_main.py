@@ -28,12 +28,18 @@ TINY = [*TINY_MODEL_FLAGS, "--config.training.batch_size=8",
         "--config.sample.gif_frames=2", "--config.training.tensorboard=False"]
 
 
-def _main(*args):
+def _main(*args, python_options=()):
   """main.py with --config=configs/digits.py, sharing the session's compilation cache."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "main.py", "--config=configs/digits.py", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, *python_options, "main.py", "--config=configs/digits.py", *args],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _imported(stderr):
+  """Names of the modules a `python -X importtime` process imported (its stderr table)."""
+  return set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.M))
 
 
 def _printed_bpd(stdout):
@@ -43,7 +49,7 @@ def _printed_bpd(stdout):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  proc = _main(f"--workdir={workdir}", *TINY)
+  proc = _main(f"--workdir={workdir}", *TINY, python_options=("-X", "importtime"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -55,6 +61,18 @@ def test_train_mode_logs_progress_and_writes_checkpoints_and_samples(workdir):
   assert os.listdir(path / "samples") and os.listdir(path / "plots")
   assert "train/bpd" in proc.stderr and "steps_per_sec" in proc.stderr and "ETA" in proc.stderr
   assert "per-pixel categorical baseline: 2.42" in proc.stderr
+  assert "step 3 of 3 (100.0%), ETA 0:00:00" in proc.stderr
+
+
+def test_training_without_tensorboard_never_imports_tensorflow_or_clus_writers(workdir):
+  """TINY sets training.tensorboard=False: logs only, and TensorFlow's import (seconds and
+  about 480 MB per process) never happens; the run still evaluates and samples."""
+  path, proc = workdir
+  imported = _imported(proc.stderr)
+  assert {"jax", "vdm_jax.train.loop", "orbax.checkpoint"} <= imported  # the table is read
+  assert not {"tensorflow", "clu.metric_writers"} & imported
+  assert not [name for name in os.listdir(path) if name.startswith("events.out")]
+  assert "test/bpd" in proc.stderr and os.listdir(path / "samples")
 
 
 def test_eval_mode_reproduces_the_training_evaluation(workdir):

@@ -1,29 +1,9 @@
-"""The trainer's reports: the log-only writer, the progress line, and a run without TensorFlow."""
+"""The trainer's reports: the log-only writer and the progress line (a run without
+TensorFlow: tests/test_main.py, on its main.py run)."""
 import logging
-import os
-import pathlib
-import subprocess
-import sys
 import types
 
 from vdm_jax.train import reporting
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-# One training process with training.tensorboard = False (tiny_config's setting): it must
-# train, evaluate and sample without importing TensorFlow or clu's writers.
-NO_TENSORBOARD_RUN = r'''
-import sys
-from absl import logging
-from train_helpers import tiny_config
-from vdm_jax import train
-logging.use_absl_handler()  # to stderr at INFO, as main.py's absl.app does
-logging.set_verbosity(logging.INFO)
-config = tiny_config()  # the programs of the other tests' tiny runs (compilation cache)
-config.training.checkpoint_every = config.training.num_steps
-train.train_and_evaluate(config, sys.argv[1])
-print("imported:", sorted(m for m in ("tensorflow", "clu.metric_writers") if m in sys.modules))
-'''
 
 
 def test_log_writer_logs_sorted_scalars_like_clus_logging_writer(caplog):
@@ -55,15 +35,3 @@ def test_progress_line_extrapolates_the_wall_time_per_step_over_the_steps_left(
     metrics.write(200)
   assert "step 200 of 1100 (18.2%), ETA 0:01:30" in caplog.text
   assert "[200] train/bpd=2, train/nonfinite=0, train/steps_per_sec=10" in caplog.text
-
-
-def test_training_without_tensorboard_never_imports_tensorflow(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-      [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, "-c", NO_TENSORBOARD_RUN, str(tmp_path)], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "imported: []" in proc.stdout
-  assert "[20] train/bpd=" in proc.stderr and "step 20 of 20 (100.0%), ETA 0:00:00" in proc.stderr
-  assert not [name for name in os.listdir(tmp_path) if name.startswith("events.out")]
-  assert os.listdir(tmp_path / "samples")
