@@ -4,11 +4,13 @@
 
 The CPU model (from /proc/cpuinfo where there is one), core count, host name, 1-minute
 load average (these machines are shared: a loaded row is not comparable), JAX's backend
-and device, library versions and the UTC time.
+and device, library versions and the UTC time. speed_probe_s times a fixed workload, for
+rows whose figures depend on how fast the shared cores run at the moment.
 """
 import datetime
 import os
 import platform
+import time
 
 
 def cpu_model() -> str:
@@ -29,3 +31,18 @@ def describe() -> dict:
           "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
           "python": platform.python_version(), "jax_version": jax.__version__,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def speed_probe_s(num_additions: int = 10_000_000) -> float:
+  """CPU seconds (this process, one thread) of a fixed pure-Python loop of additions.
+
+  A yardstick of the core's speed right now: on this project's shared 2-core machines the
+  same work takes up to about twice as long in some hours as in others (the host's other
+  tenants), so a timing is comparable only with the probe measured beside it.
+  """
+  start = time.process_time()
+  total = 0
+  for i in range(num_additions):
+    total += i
+  assert total == num_additions * (num_additions - 1) // 2
+  return round(time.process_time() - start, 3)
