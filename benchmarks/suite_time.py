@@ -4,7 +4,8 @@ Runs `python -m pytest -q -n 2 tests` (JAX_PLATFORMS=cpu) from the repository ro
 records the wall time, the CPU seconds of the pytest processes and their children (user
 plus system), pytest's summary line, the git commit, and machine.speed_probe_s before and
 after the run. The same suite's CPU seconds vary about two-fold between hours on this
-project's shared 2-core machines; the probe tells which state a row was measured in.
+project's shared 2-core machines; the probe is recorded to help tell those states apart
+(its slow-hour readings, 0.58 to 0.72 s, have no fast-hour reading to compare with yet).
 Appends a JSON line to benchmarks/results/suite_time.jsonl. Takes 5 to 10 minutes.
 
   python benchmarks/suite_time.py
