@@ -36,9 +36,11 @@ def describe() -> dict:
 def speed_probe_s(num_additions: int = 10_000_000) -> float:
   """CPU seconds (this process, one thread) of a fixed pure-Python loop of additions.
 
-  A yardstick of the core's speed right now: on this project's shared 2-core machines the
-  same work takes up to about twice as long in some hours as in others (the host's other
-  tenants), so a timing is comparable only with the probe measured beside it.
+  Recorded beside timings that depend on how fast the shared cores run: on this project's
+  2-core machines the same test suite used about twice the CPU seconds in some hours as in
+  others, and the CIFAR-10 network step up to five times the project's idle figure. The
+  probe read 0.58 to 0.72 s in slow hours; with no fast-hour reading yet, it is not shown
+  to tell the two states apart.
   """
   start = time.process_time()
   total = 0

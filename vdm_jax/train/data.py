@@ -85,7 +85,7 @@ def _sklearn_digits_file() -> pathlib.Path:
   return pathlib.Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
 
 
-def load_digits(split: str) -> "ArraySource":
+def load_digits(split: str) -> ArraySource:
   """sklearn.datasets.load_digits()'s 8x8 digits (values 0..16, vocab 17) as an ArraySource,
   split by a permutation with seed 0: first 1500 "train", the other 297 "test"."""
   table = np.loadtxt(_sklearn_digits_file(), delimiter=",")
