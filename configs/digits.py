@@ -8,9 +8,13 @@ With only 17 grey levels the bins are 2/17 wide in the encoded scale, so the
 learned linear schedule starts at gamma_min = -8 (sigma_0 = 0.018, the
 categorical decoder already resolves the bins) instead of the paper's -13.3,
 where the network would have to learn to snap to the grid at tiny noise.
-For the same reason the Fourier features use n = 2, 3 (frequencies 2 pi 4,
-2 pi 8: periods 0.25 and 0.125, about two and one bin widths) instead of the
-reference's n = 6, 7, made for 256 levels and noise at this data scale.
+For the same reason the Fourier features sit on the 17-level grid:
+vdm_jax.nets.layers.grid_fourier_exponents(17) = (2.0875, 3.0875), frequencies
+pi 17 / 2 and pi 17 (periods of two bins and one bin; the reference's n = 6, 7 are
+the same rule at 256 levels). Against the integers (2, 3), which slip out of phase
+with the levels, they gave 1.7730 +- 0.0016 over seeds 0, 1, 2 (1.7726, 1.7748,
+1.7717), better on each seed by 0.006 to 0.010; a third, finer frequency (17 pi 2)
+gave 1.7799 at seed 0.
 
 The network is the digits sweep's best at a 5-minute budget (benchmarks/digits_sweep.py,
 benchmarks/results/digits_sweep.jsonl): a 32-wide FiLM U-Net with one 8x8 level (1 down,
@@ -18,14 +22,16 @@ benchmarks/results/digits_sweep.jsonl): a 32-wide FiLM U-Net with one 8x8 level 
 Smaller batches with more steps won at equal wall time (one seed each, uniform times):
 1.8052 at 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. The diffusion times
 come from TIME_PROPOSAL below (importance sampling), at learning rate 3e-3. Measured on
-the project's 2-core machine: 1.7818 +- 0.0008 test bits/dim over seeds 0, 1 and 2, 4 min
-40 s for the whole command at seed 0 (at 2e-3: 1.7928 +- 0.0061; at 2e-3 with uniform
-times: 1.8126 +- 0.0130); the ScoreUNet 64 x 2 blocks this config trained before gave
-1.8906 +- 0.0059 in 2,000 x 32 steps and 6.3 to 6.6 minutes.
+the project's 2-core machine with the integer Fourier exponents (2, 3): 1.7818 +- 0.0008
+test bits/dim over seeds 0, 1 and 2, 4 min 40 s for the whole command at seed 0 (at 2e-3:
+1.7928 +- 0.0061; at 2e-3 with uniform times: 1.8126 +- 0.0130); the ScoreUNet 64 x 2
+blocks this config trained before gave 1.8906 +- 0.0059 in 2,000 x 32 steps and 6.3 to
+6.6 minutes. With the grid-aligned exponents: 1.7730 +- 0.0016 (see above).
 
   python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """
 from configs import default
+from vdm_jax.nets import layers
 
 # Diffusion times t ~ q (ModelConfig.time_proposal, importance sampling): q's 32 equal-bin
 # probabilities, estimated by benchmarks/importance_time.py from a trained
@@ -51,7 +57,7 @@ def get_config():
   config.model.attention_resolutions = ()  # attention only in the middle
   config.model.dropout = 0.0
   config.model.with_fourier_features = True
-  config.model.fourier_exponents = (2, 3)
+  config.model.fourier_exponents = layers.grid_fourier_exponents(17)  # (2.0875, 3.0875)
   config.model.schedule = "learned_linear"
   config.model.gamma_min = -8.0
   config.model.time_proposal = TIME_PROPOSAL

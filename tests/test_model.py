@@ -48,14 +48,22 @@ def _random_params(model, rng):
     ("dtype", "float64", "dtype"), ("gamma_max", -20.0, "gamma_max"),
     ("num_steps", -1, "num_steps"), ("dropout", 1.0, "dropout"),
     ("variance_minimising", True, "variance_minimising"), ("n_embd", 48, "n_embd"),
-    ("fourier_exponents", (), "fourier_exponents"), ("fourier_exponents", (2.5,), "fourier_exponents"),
+    ("fourier_exponents", (), "fourier_exponents"),
+    ("fourier_exponents", ("6",), "fourier_exponents"),
     ("fourier_exponents", (-1, 3), "fourier_exponents"),
+    ("fourier_exponents", (17.5,), "fourier_exponents"),
     ("time_proposal", (0.5, 0.6), "time_proposal"), ("time_proposal", (0.0, 1.0), "time_proposal"),
 ])
 def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
   with pytest.raises(ValueError, match=rf"ModelConfig\.{words}.*given {value!r}".replace("(", r"\(")
                      .replace(")", r"\)")):
     model_lib.ModelConfig(**{**TINY, field: value})
+
+
+def test_fourier_exponents_keep_real_values_and_make_numpy_ints_python_ints():
+  config = model_lib.ModelConfig(**{**TINY, "fourier_exponents": (np.int64(2), 3.0875)})
+  assert config.fourier_exponents == (2, 3.0875)
+  assert [type(n) for n in config.fourier_exponents] == [int, float]
 
 
 def test_network_specific_geometry_is_validated():

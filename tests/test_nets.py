@@ -46,17 +46,63 @@ def test_fourier_features_repeat_each_channel_per_frequency():
 
 def test_fourier_features_use_the_given_exponents():
   z = np.random.default_rng(SEED + 2).standard_normal((2, 3, 3, 2)).astype(np.float32)
-  exponents = (2, 3, 5)
+  exponents = (2, 3.0875, 5)  # real exponents too (grid_fourier_exponents)
   feats = np.asarray(layers.fourier_features(jnp.asarray(z), exponents=exponents))
   arg = (z[..., :, None].astype(np.float64) * 2 * np.pi * 2.0 ** np.array(exponents))
   arg = arg.reshape(2, 3, 3, 6)
   np.testing.assert_allclose(feats, np.concatenate([np.sin(arg), np.cos(arg)], -1), atol=1e-4)
 
 
-@pytest.mark.parametrize("exponents", [(), (2.5,), [True]])
+@pytest.mark.parametrize("exponents", [(), ("6",), [True], (None,)])
 def test_fourier_features_reject_bad_exponents(exponents):
-  with pytest.raises(ValueError, match="exponents.*ints"):
+  with pytest.raises(ValueError, match="exponents.*numbers"):
     layers.fourier_features(jnp.zeros((1, 2, 2, 1)), exponents=exponents)
+
+
+def test_grid_fourier_exponents_are_the_reference_ones_at_256_levels():
+  assert layers.grid_fourier_exponents(256) == (6.0, 7.0)
+  top = math.log2(17 / 2)
+  np.testing.assert_allclose(layers.grid_fourier_exponents(17, count=3),
+                             (top - 2, top - 1, top), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("vocab_size, count", [(1, 2), (17.0, 2), (17, 0), (17, True)])
+def test_grid_fourier_exponents_reject_bad_input(vocab_size, count):
+  with pytest.raises(ValueError, match="vocab_size.*count"):
+    layers.grid_fourier_exponents(vocab_size, count)
+
+
+def _top_pair(f, exponents):
+  """The top frequency's (sin, cos) features of the encoded values f [N]."""
+  feats = np.asarray(layers.fourier_features(jnp.asarray(f, jnp.float32).reshape(-1, 1, 1, 1),
+                                             exponents=exponents)).reshape(len(f), -1)
+  n = len(exponents)
+  return feats[:, n - 1], feats[:, 2 * n - 1]
+
+
+@pytest.mark.parametrize("vocab_size", [17, 256])
+def test_grid_fourier_features_read_the_offset_from_the_nearest_level(vocab_size):
+  # Closed form: at f = f_k + delta, the top pair is (-1)^(V+1) (sin, cos)(pi V delta) for
+  # every level k. float32: |w f| <= pi V (804 at V = 256) carries a relative rounding of a
+  # few 1e-7 (f, 2 pi, the product), up to about 3e-4 in the argument; atol 1e-3.
+  rng = np.random.default_rng(SEED + 4)
+  k = np.arange(vocab_size)
+  delta = rng.uniform(-1.0, 1.0, vocab_size) / vocab_size
+  f = 2 * (k + 0.5) / vocab_size - 1 + delta
+  sign = (-1.0) ** (vocab_size + 1)
+  sin, cos = _top_pair(f, layers.grid_fourier_exponents(vocab_size))
+  np.testing.assert_allclose(sin, sign * np.sin(np.pi * vocab_size * delta), rtol=0, atol=1e-3)
+  np.testing.assert_allclose(cos, sign * np.cos(np.pi * vocab_size * delta), rtol=0, atol=1e-3)
+
+
+def test_integer_exponents_are_off_the_17_level_grid():
+  # The integers (2, 3) the digits config used before: their top pair at the levels
+  # themselves (delta = 0) is not one constant, as the grid's is.
+  f = 2 * (np.arange(17) + 0.5) / 17 - 1
+  sin_int, _ = _top_pair(f, (2, 3))
+  sin_grid, _ = _top_pair(f, layers.grid_fourier_exponents(17))
+  assert np.max(np.abs(sin_grid)) < 1e-4
+  assert np.max(np.abs(sin_int)) > 0.5
 
 
 FIRST_LAYER = {"score_unet": "conv_in", "unet": "conv_in", "dit": "patch_embed"}

@@ -51,7 +51,7 @@ class ModelConfig:
   n_layer: int = 32  # score_unet: blocks; unet: blocks per resolution; dit: depth
   with_attention: bool = False
   with_fourier_features: bool = True
-  fourier_exponents: Tuple[int, ...] = (6, 7)  # Fourier features' n (2 pi 2^n); ~log2(vocab_size / 2)
+  fourier_exponents: Tuple[float, ...] = (6, 7)  # n (2 pi 2^n); nets.layers.grid_fourier_exponents
   dropout: float = 0.1
   channel_mult: Tuple[int, ...] = (1, 2, 2, 2)  # unet only
   attention_resolutions: Tuple[int, ...] = (16,)  # unet only
@@ -85,9 +85,11 @@ class ModelConfig:
     if not (_numerics.is_int(self.num_classes) and self.num_classes >= 0):
       _fail("num_classes", "an int >= 0", self.num_classes)
     f = self.fourier_exponents
-    if not (isinstance(f, (tuple, list)) and f and all(_numerics.is_int(n) and 0 <= n <= 16 for n in f)):
-      _fail("fourier_exponents", "a non-empty tuple of ints in [0, 16]", f)
-    object.__setattr__(self, "fourier_exponents", tuple(int(n) for n in f))
+    if not (isinstance(f, (tuple, list)) and f
+            and all((_numerics.is_int(n) or _numerics.is_number(n)) and 0 <= n <= 16 for n in f)):
+      _fail("fourier_exponents", "a non-empty tuple of numbers in [0, 16]", f)
+    object.__setattr__(self, "fourier_exponents",
+                       tuple(int(n) if _numerics.is_int(n) else float(n) for n in f))
     if self.network not in NETWORKS:
       _fail("network", f"one of {NETWORKS}", self.network)
     if self.schedule not in SCHEDULES:

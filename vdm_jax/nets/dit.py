@@ -99,7 +99,7 @@ class DiT(nn.Module):
   patch_size: int = 2
   num_heads: int = 4
   with_fourier_features: bool = True
-  fourier_exponents: Tuple[int, ...] = (6, 7)
+  fourier_exponents: Tuple[float, ...] = (6, 7)
   dropout: float = 0.0
   gamma_min: float = -13.3
   gamma_max: float = 5.0

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 Dtype = Any
@@ -74,29 +75,63 @@ def timestep_embedding(tau: jax.Array, dim: int) -> jax.Array:
   return emb
 
 
-def fourier_features(z: jax.Array, *, exponents: Sequence[int] = (6, 7)) -> jax.Array:
+def _is_int(value):
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value):
+  return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+def fourier_features(z: jax.Array, *, exponents: Sequence[float] = (6, 7)) -> jax.Array:
   r"""Base-2 Fourier features of the latent (VDM paper, appendix B).
 
   For each n in `exponents`, w_n = 2 pi 2^n; each channel c gives the features
   sin(w_n z_c) and cos(w_n z_c), laid out as
   [sin(z_0 w_n0), sin(z_0 w_n1), ..., sin(z_1 w_n0), ..., cos(...)].
-  The reference uses n = 6, 7 (256 levels, bins 2/256 wide); for vocab_size V
-  the bins are 2/V wide, so n near log2(V / 2) resolves the data grid.
+  The reference uses n = 6, 7 (256 levels, bins 2/256 wide); for another
+  vocab_size V, grid_fourier_exponents(V) puts the features on that data grid.
 
   Args:
     z: latent, [B, H, W, C].
-    exponents: the integers n, a non-empty tuple.
+    exponents: the exponents n (real numbers), a non-empty tuple.
 
   Returns:
     [B, H, W, 2 * C * len(exponents)], dtype of z.
   """
   exponents = tuple(exponents)
-  if not exponents or not all(isinstance(n, int) and not isinstance(n, bool) for n in exponents):
-    raise ValueError(f"exponents must be a non-empty tuple of ints, given {exponents!r}")
+  if not exponents or not all(_is_real(n) for n in exponents):
+    raise ValueError(f"exponents must be a non-empty tuple of numbers, given {exponents!r}")
   w = 2.0 ** jnp.asarray(exponents, dtype=z.dtype) * 2 * jnp.pi
   w = jnp.tile(w[None, :], (1, z.shape[-1]))
   h = jnp.repeat(z, len(exponents), axis=-1) * w
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+def grid_fourier_exponents(vocab_size: int, count: int = 2) -> tuple[float, ...]:
+  r"""Fourier exponents on a V-level data grid: n = log2(V / 2) - count + 1, ..., log2(V / 2).
+
+  Data x in {0, ..., V - 1} is encoded as f_k = 2 (k + 0.5) / V - 1, levels 2 / V apart.
+  The top exponent gives w = 2 pi 2^n = pi V, so w f_k = pi (2k + 1 - V) and, for
+  f = f_k + delta, sin(w f) = (-1)^(V+1) sin(pi V delta) (likewise cos): the same function
+  of the offset from the nearest level at every level, which lets the network snap z to
+  the grid at low noise. Each lower exponent halves the frequency (the next one reads the
+  level's parity). For V = 256, count = 2 this is (6, 7), the reference's exponents; for
+  the 17 levels of the digits it is (2.0875, 3.0875), where the integers (2, 3) slip out
+  of phase with the levels (the top feature by almost a whole period across [-1, 1]).
+
+  Args:
+    vocab_size: the number of levels V >= 2.
+    count: how many exponents, >= 1.
+
+  Returns:
+    tuple of `count` floats, increasing (fourier_features' exponents).
+  """
+  if not (_is_int(vocab_size) and vocab_size >= 2 and _is_int(count) and count >= 1):
+    raise ValueError(f"grid_fourier_exponents needs an int vocab_size >= 2 and an int count >= 1, "
+                     f"given vocab_size={vocab_size!r}, count={count!r}")
+  top = math.log2(vocab_size / 2)
+  return tuple(top - i for i in reversed(range(count)))
 
 
 def normalise_gamma(g_t: ArrayLike, batch: int, gamma_min: float, gamma_max: float) -> jax.Array:

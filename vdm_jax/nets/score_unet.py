@@ -37,7 +37,7 @@ class ScoreUNet(nn.Module):
   n_layer: int = 32
   with_attention: bool = False
   with_fourier_features: bool = True
-  fourier_exponents: Tuple[int, ...] = (6, 7)
+  fourier_exponents: Tuple[float, ...] = (6, 7)
   dropout: float = 0.1
   gamma_min: float = -13.3
   gamma_max: float = 5.0

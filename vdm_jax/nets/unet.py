@@ -86,7 +86,7 @@ class UNet(nn.Module):
   channel_mult: Sequence[int] = (1, 2, 2, 2)
   attention_resolutions: Sequence[int] = (16,)
   with_fourier_features: bool = True
-  fourier_exponents: Tuple[int, ...] = (6, 7)
+  fourier_exponents: Tuple[float, ...] = (6, 7)
   dropout: float = 0.1
   gamma_min: float = -13.3
   gamma_max: float = 5.0
