@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vdm_jax import decoders
 from vdm_jax import losses
 from vdm_jax import model as model_lib
 from vdm_jax import time_sampling
@@ -51,7 +52,7 @@ def _random_params(model, rng):
     ("fourier_exponents", (), "fourier_exponents"),
     ("fourier_exponents", ("6",), "fourier_exponents"),
     ("fourier_exponents", (-1, 3), "fourier_exponents"),
-    ("fourier_exponents", (17.5,), "fourier_exponents"),
+    ("fourier_exponents", (17.5,), "fourier_exponents"), ("grid_skip", 1, "grid_skip"),
     ("time_proposal", (0.5, 0.6), "time_proposal"), ("time_proposal", (0.0, 1.0), "time_proposal"),
 ])
 def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
@@ -108,6 +109,24 @@ def test_at_init_the_score_unet_predicts_its_input_and_the_bound_is_consistent()
   # (1e-4 of its width sigma_0 / alpha_0): 192 pixels, 4e-3 nats.
   for name, value in core_terms.items():
     np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=4e-3, err_msg=name)
+
+
+def test_grid_skip_adds_the_grid_noise_estimate_to_the_network_output():
+  # The U-Net's output conv is zero at init: eps_hat is then the grid's estimate alone;
+  # with random params it is the network's output plus that estimate.
+  rng = np.random.default_rng(1622)
+  kw = dict(network="unet", channel_mult=(1,), attention_resolutions=(), vocab_size=17,
+            image_shape=(8, 8, 1))
+  plain, skip = _model(**kw), _model(grid_skip=True, **kw)
+  x = rng.integers(0, 17, (2, 8, 8, 1)).astype(np.int32)
+  z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  gamma = jnp.asarray([-7.0, 2.0])
+  grid = decoders.grid_noise_estimate(z, gamma, 17)
+  params = skip.init(jax.random.PRNGKey(3), x)
+  np.testing.assert_array_equal(skip.eps_fn(params)(z, gamma), grid)
+  params = _random_params(skip, rng)
+  np.testing.assert_allclose(skip.eps_fn(params)(z, gamma), plain.eps_fn(params)(z, gamma) + grid,
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_a_time_proposal_gives_the_importance_sampled_bound_of_the_core():

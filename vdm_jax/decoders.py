@@ -67,6 +67,31 @@ def categorical_logprobs(z_0: ArrayLike, gamma_0: ArrayLike, vocab_size: int = 2
   return jax.nn.log_softmax(logits, axis=-1)
 
 
+def grid_noise_estimate(z_t: ArrayLike, gamma_t: ArrayLike, vocab_size: int = 256) -> jax.Array:
+  r"""The noise eps a per-pixel uniform prior on the V-level data grid predicts from z_t.
+
+  Each value independent and uniform on the levels enc(v): the posterior over v is the
+  decoder's categorical_logprobs at gamma_t, and the Bayes estimate of the noise is
+    eps_grid = (z_t - alpha_t E[enc(v) | z_t]) / sigma_t.
+  At low noise it snaps z_t to the nearest level (eps_grid = the offset / sigma_t); at high
+  noise it tends to z_t / sigma_t. A network that adds its output to it only learns how
+  neighbouring values depend on each other (ModelConfig.grid_skip).
+
+  Args:
+    z_t: latent, [B, H, W, C].
+    gamma_t: scalar or [B].
+    vocab_size: number of values V.
+
+  Returns:
+    eps_grid, [B, H, W, C] (float32).
+  """
+  z_t = jnp.asarray(z_t, jnp.float32)
+  probs = jnp.exp(categorical_logprobs(z_t, gamma_t, vocab_size))
+  f_hat = probs @ encode(jnp.arange(vocab_size), vocab_size)
+  gamma_t = gaussian.broadcast_to_data(gamma_t, z_t.ndim)
+  return (z_t - schedules.alpha(gamma_t) * f_hat) / schedules.sigma(gamma_t)
+
+
 def decode(z_0: ArrayLike, gamma_0: ArrayLike, *, key: PRNGKey | None = None,
            vocab_size: int = 256) -> jax.Array:
   r"""Decodes z_0 to integers with the VDM categorical decoder.

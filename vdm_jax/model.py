@@ -52,6 +52,7 @@ class ModelConfig:
   with_attention: bool = False
   with_fourier_features: bool = True
   fourier_exponents: Tuple[float, ...] = (6, 7)  # n (2 pi 2^n); nets.layers.grid_fourier_exponents
+  grid_skip: bool = False  # eps_hat = network + decoders.grid_noise_estimate (the V-level grid's)
   dropout: float = 0.1
   channel_mult: Tuple[int, ...] = (1, 2, 2, 2)  # unet only
   attention_resolutions: Tuple[int, ...] = (16,)  # unet only
@@ -103,6 +104,8 @@ class ModelConfig:
     for name in ("dropout", "label_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         _fail(name, "a rate in [0, 1)", getattr(self, name))
+    if not isinstance(self.grid_skip, bool):
+      _fail("grid_skip", "True or False", self.grid_skip)
     if self.variance_minimising and self.schedule != "learned_monotone":
       _fail("variance_minimising", "False unless schedule='learned_monotone'", True)
     if self.variance_minimising and self.num_steps != 0:
@@ -250,8 +253,10 @@ class VDM:
   def _net(self, params, z_t, gamma_t, labels, conditioning, train=False, key=None):
     rngs = {"dropout": key} if train else None
     eps_hat = self.network.apply({"params": params["score_model"]}, z_t, gamma_t, conditioning,
-                                 labels, train=train, rngs=rngs)
-    return eps_hat.astype(jnp.float32)
+                                 labels, train=train, rngs=rngs).astype(jnp.float32)
+    if self.config.grid_skip:
+      eps_hat = eps_hat + decoders.grid_noise_estimate(z_t, gamma_t, self.config.vocab_size)
+    return eps_hat
 
   def eps_fn(self, params: Params, *, labels: ArrayLike | None = None,
              guidance_weight: float | jax.Array = 0.0,
