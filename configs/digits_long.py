@@ -7,9 +7,9 @@ one-level U-Net (2 down, 2 middle with attention, 3 up FiLM ResNet blocks,
 249k parameters) at batch 128 for 3,000 steps, with configs/digits.py's importance-
 sampled times, grid-aligned Fourier features and grid skip. Measured on the project's
 2-core machine on 2026-12-02: 1.7352 +- 0.016 test bits/dim (K = 16) at step 3,000 and
-1.7271 +- 0.015 at step 2,000 (it overfits the 1,500 training digits by the end), in a
-slow hour (1.4 to 3.2 steps/s, partly beside other jobs; 26 min 9 s for the whole
-command). With the integer Fourier exponents (2, 3) and no skip, on 2026-12-01: 1.7550
+1.7271 +- 0.015 at step 2,000, in a slow hour (1.4 to 3.2 steps/s, partly beside other
+jobs; 26 min 9 s for the whole command); a 2,000-step run (cosine to 0 there) gave
+1.7373 +- 0.015, a tie. With the integer Fourier exponents (2, 3) and no skip, on 2026-12-01: 1.7550
 +- 0.015 in 12 min 42 s (training about 4.3 steps/s); with uniform times as well 1.7564
 +- 0.016 in 12 min 32 s.
 
