@@ -9,12 +9,12 @@ swish, the 1x1 shortcut, the conditioning MLP and the residual stream stay
 float32, which keeps eps_hat within about 1e-2 relative of float32.
 """
 import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 Dtype = Any
@@ -76,11 +76,13 @@ def timestep_embedding(tau: jax.Array, dim: int) -> jax.Array:
 
 
 def _is_int(value):
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+  """Python and numpy integers (numbers.Integral), not bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value):
-  return _is_int(value) or isinstance(value, (float, np.floating))
+  """Python and numpy integers and floats (numbers.Real), not bool."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def fourier_features(z: jax.Array, *, exponents: Sequence[float] = (6, 7)) -> jax.Array:
