@@ -106,31 +106,39 @@ def test_discretized_gaussian_log_likelihood_picks_the_bin_of_each_value():
                              rtol=1e-6)
 
 
-def test_grid_noise_estimate_matches_the_two_level_closed_form():
-  # V = 2, levels -1/2 and 1/2: P(v = 1 | z) = sigmoid(alpha z / sigma^2), so
-  # E[enc(v) | z] = tanh(alpha z / (2 sigma^2)) / 2 and eps = (z - alpha E) / sigma.
+@pytest.mark.parametrize("log_odds", [None, -1.5])
+def test_grid_noise_estimate_matches_the_two_level_closed_form(log_odds):
+  # V = 2, levels -1/2 and 1/2, prior log odds b (0 when uniform): P(v = 1 | z) =
+  # sigmoid(alpha z / sigma^2 + b), so E[enc(v) | z] = tanh(alpha z / (2 sigma^2) + b / 2) / 2
+  # and eps = (z - alpha E) / sigma.
   gamma = rng.uniform(-6.0, 4.0, 5).astype(np.float32)
   z = rng.standard_normal((5, 3, 3, 1)).astype(np.float32)
   g = gamma.astype(np.float64)[:, None, None, None]
   alpha, sigma = np.sqrt(special.expit(-g)), np.sqrt(special.expit(g))
-  expected = (z - alpha * np.tanh(alpha * z / (2 * sigma ** 2)) / 2) / sigma
-  got = decoders.grid_noise_estimate(jnp.asarray(z), jnp.asarray(gamma), vocab_size=2)
+  b = 0.0 if log_odds is None else log_odds
+  expected = (z - alpha * np.tanh(alpha * z / (2 * sigma ** 2) + b / 2) / 2) / sigma
+  prior = None if log_odds is None else jnp.asarray([0.3, 0.3 + log_odds])  # any shift of both
+  got = decoders.grid_noise_estimate(jnp.asarray(z), jnp.asarray(gamma), 2, prior)
   # float32: relative rounding of a few 1e-7 in each factor, amplified by 1 / sigma <= 21 at
   # gamma = -6 and by the tanh's slope alpha^2 / (2 sigma^2) <= 200: well inside 1e-3.
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("gamma", [-6.0, -2.0, 1.0])
-def test_grid_noise_estimate_is_the_least_squares_noise_estimate_under_its_prior(gamma):
-  # Data uniform and independent on the 5-level grid: E[eps | z] has the smallest mean
-  # squared error of all functions of z; perturbing it in any direction must cost more.
+@pytest.mark.parametrize("prior", [None, (0.5, 0.05, 0.05, 0.1, 0.3)])
+def test_grid_noise_estimate_is_the_least_squares_noise_estimate_under_its_prior(gamma, prior):
+  # Data independent on the 5-level grid with this prior (None: uniform): E[eps | z] has
+  # the smallest mean squared error of all functions of z; perturbing it in any direction,
+  # or using the other prior, must cost more.
   vocab_size, n = 5, 200_000
-  x = rng.integers(0, vocab_size, (n, 1, 1, 1))
+  x = rng.choice(vocab_size, (n, 1, 1, 1), p=prior)
   eps = rng.standard_normal(x.shape).astype(np.float32)
   alpha, sigma = np.sqrt(special.expit(-gamma)), np.sqrt(special.expit(gamma))
-  z = (alpha * decoders.encode(x, vocab_size) + sigma * eps).astype(np.float32)
-  est = np.asarray(decoders.grid_noise_estimate(jnp.asarray(z), gamma, vocab_size))
+  z = jnp.asarray(alpha * decoders.encode(x, vocab_size) + sigma * eps, jnp.float32)
+  skewed = jnp.log(jnp.asarray((0.5, 0.05, 0.05, 0.1, 0.3)))
+  est, other_prior = (np.asarray(decoders.grid_noise_estimate(z, gamma, vocab_size, logits))
+                      for logits in ((None, skewed) if prior is None else (skewed, None)))
   best = np.mean((eps - est) ** 2)
   # Standard error of a difference of two such means over 2e5 draws: < 1e-3 of best.
-  for other in (1.05 * est, 0.95 * est, est + 0.05, z / sigma):
+  for other in (1.05 * est, 0.95 * est, est + 0.05, z / sigma, other_prior):
     assert np.mean((eps - other) ** 2) > best + 1e-4

@@ -53,6 +53,7 @@ def _random_params(model, rng):
     ("fourier_exponents", ("6",), "fourier_exponents"),
     ("fourier_exponents", (-1, 3), "fourier_exponents"),
     ("fourier_exponents", (17.5,), "fourier_exponents"), ("grid_skip", 1, "grid_skip"),
+    ("grid_prior", 1, "grid_prior"), ("grid_prior", True, "grid_prior.*grid_skip"),
     ("time_proposal", (0.5, 0.6), "time_proposal"), ("time_proposal", (0.0, 1.0), "time_proposal"),
 ])
 def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
@@ -127,6 +128,27 @@ def test_grid_skip_adds_the_grid_noise_estimate_to_the_network_output():
   params = _random_params(skip, rng)
   np.testing.assert_allclose(skip.eps_fn(params)(z, gamma), plain.eps_fn(params)(z, gamma) + grid,
                              rtol=1e-6, atol=1e-6)
+
+
+def test_grid_prior_is_a_learned_per_pixel_prior_of_the_grid_skip():
+  # Zero logits at init (the uniform prior, the same eps_hat as grid_skip alone); any logits
+  # enter decoders.grid_noise_estimate as the prior, and the bound's gradient reaches them.
+  rng = np.random.default_rng(1623)
+  kw = dict(network="unet", channel_mult=(1,), attention_resolutions=(), vocab_size=17,
+            image_shape=(8, 8, 1), grid_skip=True)
+  skip, learned = _model(**kw), _model(grid_prior=True, **kw)
+  x = rng.integers(0, 17, (2, 8, 8, 1)).astype(np.int32)
+  z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  gamma = jnp.asarray([-7.0, 2.0])
+  params = learned.init(jax.random.PRNGKey(3), x)
+  np.testing.assert_array_equal(params["grid_prior"], np.zeros((8, 8, 1, 17)))
+  np.testing.assert_array_equal(learned.eps_fn(params)(z, gamma), skip.eps_fn(params)(z, gamma))
+  params = _random_params(learned, rng)
+  net = _model(**{**kw, "grid_skip": False}).eps_fn(params)(z, gamma)
+  grid = decoders.grid_noise_estimate(z, gamma, 17, params["grid_prior"])
+  np.testing.assert_allclose(learned.eps_fn(params)(z, gamma), net + grid, rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda p: learned.loss(p, x, jax.random.PRNGKey(0))[0].mean())(params)
+  assert np.all(np.isfinite(grads["grid_prior"])) and np.any(grads["grid_prior"] != 0)
 
 
 def test_a_time_proposal_gives_the_importance_sampled_bound_of_the_core():

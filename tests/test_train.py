@@ -39,14 +39,16 @@ def trained(tmp_path_factory):
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 
-def test_weight_decay_mask_skips_biases_norm_scales_and_gamma():
+def test_weight_decay_mask_skips_biases_norm_scales_gamma_and_the_grid_prior():
   params = {"score_model": {"conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones(2)},
                             "norm": {"scale": jnp.ones(2)}},
-            "gamma": {"l2": {"kernel": jnp.ones((1, 4))}, "w": jnp.ones(1)}}
+            "gamma": {"l2": {"kernel": jnp.ones((1, 4))}, "w": jnp.ones(1)},
+            "grid_prior": jnp.zeros((8, 8, 1, 17))}
   mask = step_lib.weight_decay_mask(params)
   assert mask["score_model"]["conv"] == {"kernel": True, "bias": False}
   assert mask["score_model"]["norm"]["scale"] is False
   assert mask["gamma"] == {"l2": {"kernel": False}, "w": False}
+  assert mask["grid_prior"] is False
 
 
 def test_learning_rate_warms_up_linearly_then_cosine_decays_to_zero():

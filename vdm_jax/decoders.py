@@ -67,11 +67,14 @@ def categorical_logprobs(z_0: ArrayLike, gamma_0: ArrayLike, vocab_size: int = 2
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def grid_noise_estimate(z_t: ArrayLike, gamma_t: ArrayLike, vocab_size: int = 256) -> jax.Array:
-  r"""The noise eps a per-pixel uniform prior on the V-level data grid predicts from z_t.
+def grid_noise_estimate(z_t: ArrayLike, gamma_t: ArrayLike, vocab_size: int = 256,
+                        prior_logits: ArrayLike | None = None) -> jax.Array:
+  r"""The noise eps a per-pixel prior on the V-level data grid predicts from z_t.
 
-  Each value independent and uniform on the levels enc(v): the posterior over v is the
-  decoder's categorical_logprobs at gamma_t, and the Bayes estimate of the noise is
+  Each value independent, with prior p(v) = softmax_v(prior_logits) on the levels enc(v)
+  (uniform when prior_logits is None): the posterior over v is
+    log p(v | z_t) = log_softmax_v(categorical_logprobs(z_t, gamma_t) + prior_logits),
+  and the Bayes estimate of the noise is
     eps_grid = (z_t - alpha_t E[enc(v) | z_t]) / sigma_t.
   At low noise it snaps z_t to the nearest level (eps_grid = the offset / sigma_t); at high
   noise it tends to z_t / sigma_t. A network that adds its output to it only learns how
@@ -81,12 +84,17 @@ def grid_noise_estimate(z_t: ArrayLike, gamma_t: ArrayLike, vocab_size: int = 25
     z_t: latent, [B, H, W, C].
     gamma_t: scalar or [B].
     vocab_size: number of values V.
+    prior_logits: None (uniform) or unnormalised log prior, broadcastable to
+      [B, H, W, C, V], e.g. per pixel [H, W, C, V] (ModelConfig.grid_prior learns it).
 
   Returns:
     eps_grid, [B, H, W, C] (float32).
   """
   z_t = jnp.asarray(z_t, jnp.float32)
-  probs = jnp.exp(categorical_logprobs(z_t, gamma_t, vocab_size))
+  logprobs = categorical_logprobs(z_t, gamma_t, vocab_size)
+  if prior_logits is not None:
+    logprobs = jax.nn.log_softmax(logprobs + prior_logits, axis=-1)
+  probs = jnp.exp(logprobs)
   f_hat = probs @ encode(jnp.arange(vocab_size), vocab_size)
   gamma_t = gaussian.broadcast_to_data(gamma_t, z_t.ndim)
   return (z_t - schedules.alpha(gamma_t) * f_hat) / schedules.sigma(gamma_t)

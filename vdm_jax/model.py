@@ -2,7 +2,8 @@
 
 `VDM(ModelConfig(...))` holds no parameters and no randomness; `init`
 returns a plain parameter dict in the layout of google-research/vdm
-({"score_model": ..., "gamma": ...}, "gamma" absent for fixed schedules) and
+({"score_model": ..., "gamma": ...}, "gamma" absent for fixed schedules, plus
+"grid_prior" with ModelConfig.grid_prior) and
 `loss`, `gamma_fn`, `eps_fn` are pure functions of it, built on
 vdm_jax.losses (Kingma et al. 2021):
 
@@ -53,6 +54,7 @@ class ModelConfig:
   with_fourier_features: bool = True
   fourier_exponents: Tuple[float, ...] = (6, 7)  # n (2 pi 2^n); nets.layers.grid_fourier_exponents
   grid_skip: bool = False  # eps_hat = network + decoders.grid_noise_estimate (the V-level grid's)
+  grid_prior: bool = False  # grid_skip's prior is learned: params["grid_prior"] [H, W, C, V] logits
   dropout: float = 0.1
   channel_mult: Tuple[int, ...] = (1, 2, 2, 2)  # unet only
   attention_resolutions: Tuple[int, ...] = (16,)  # unet only
@@ -104,8 +106,11 @@ class ModelConfig:
     for name in ("dropout", "label_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         _fail(name, "a rate in [0, 1)", getattr(self, name))
-    if not isinstance(self.grid_skip, bool):
-      _fail("grid_skip", "True or False", self.grid_skip)
+    for name in ("grid_skip", "grid_prior"):
+      if not isinstance(getattr(self, name), bool):
+        _fail(name, "True or False", getattr(self, name))
+    if self.grid_prior and not self.grid_skip:
+      _fail("grid_prior", "False unless grid_skip=True (it is the grid skip's prior)", True)
     if self.variance_minimising and self.schedule != "learned_monotone":
       _fail("variance_minimising", "False unless schedule='learned_monotone'", True)
     if self.variance_minimising and self.num_steps != 0:
@@ -232,6 +237,8 @@ class VDM:
   def init(self, key: PRNGKey, x: ArrayLike, labels: ArrayLike | None = None) -> Params:
     """Parameters {"score_model": ..., "gamma": ...} (float32) for data shaped like x [B, H, W, C].
 
+    With grid_prior, also "grid_prior": zero logits [H, W, C, vocab_size] (the uniform prior).
+
     labels (int [B] or None) shape the label embedding of class-conditional models.
     """
     x = self.check_x(x)
@@ -243,6 +250,8 @@ class VDM:
     gamma = self.schedule.init(key_gamma, g).get("params", {})
     if gamma:
       params["gamma"] = gamma
+    if self.config.grid_prior:  # zero logits: the uniform prior of grid_skip alone
+      params["grid_prior"] = jnp.zeros(self.config.image_shape + (self.config.vocab_size,))
     return params
 
   def gamma_fn(self, params: Params) -> GammaFn:
@@ -255,7 +264,8 @@ class VDM:
     eps_hat = self.network.apply({"params": params["score_model"]}, z_t, gamma_t, conditioning,
                                  labels, train=train, rngs=rngs).astype(jnp.float32)
     if self.config.grid_skip:
-      eps_hat = eps_hat + decoders.grid_noise_estimate(z_t, gamma_t, self.config.vocab_size)
+      eps_hat = eps_hat + decoders.grid_noise_estimate(z_t, gamma_t, self.config.vocab_size,
+                                                       params.get("grid_prior"))
     return eps_hat
 
   def eps_fn(self, params: Params, *, labels: ArrayLike | None = None,

@@ -70,13 +70,13 @@ def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, decay: st
 
 
 def weight_decay_mask(params: Params) -> Params:
-  """True for leaves that get weight decay: ndim > 1 and not under a "gamma" key.
+  """True for leaves that get weight decay: ndim > 1, not under a "gamma" or "grid_prior" key.
 
   Returns a pytree of bools with the structure of params (optax.adamw's mask).
   """
   def decays(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return leaf.ndim > 1 and "gamma" not in names
+    return leaf.ndim > 1 and not {"gamma", "grid_prior"} & set(names)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
