@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
       test_fraction=0.1,   # npz / image_folder: held-out fraction
       split_seed=0,        # npz / image_folder: seed of the fixed train/test split
       augment_shift=0,     # training images move by up to this many pixels (0: none)
+      augment_probability=1.0,  # the chance that a training image is moved
+      augment_conditioning=False,  # the network's conditioning scalar = 1 for moved images
+                                   # (0, what evaluation and sampling use: unmoved data)
       num_threads=data.NUM_THREADS,  # background threads reading batches (0: read in the loop)
       prefetch_batches=data.PREFETCH_BATCHES,  # batches read ahead of the train step
   ))
@@ -162,6 +165,12 @@ def _validate_data(config):
   _require(_numerics.is_int(d.augment_shift) and 0 <= d.augment_shift < min(height, width),
            f"data.augment_shift must be an integer in [0, {min(height, width)}) pixels, got "
            f"{d.augment_shift!r}; set --config.data.augment_shift")
+  _require(_numerics.is_number(d.augment_probability) and 0 < d.augment_probability <= 1,
+           f"data.augment_probability must be a number in (0, 1], got "
+           f"{d.augment_probability!r}; set --config.data.augment_probability")
+  _require(not d.augment_conditioning or d.augment_shift > 0,
+           "data.augment_conditioning=True needs data.augment_shift > 0 (nothing moves "
+           "otherwise); set --config.data.augment_shift")
 
 
 def _validate_optimizer(config):

@@ -103,9 +103,12 @@ class Setup:
     state is donated); see TwoProgramStep.
     """
     if self._train_step is None:
-      o, shift = self.config.optimizer, self.config.data.augment_shift
-      augment_fn = functools.partial(augment.random_shift, max_shift=shift) if shift else None
-      gradient = step_lib.make_gradient_step(self.model, augment_fn=augment_fn)
+      o, d = self.config.optimizer, self.config.data
+      augment_fn = functools.partial(augment.random_shift, max_shift=d.augment_shift,
+                                     probability=d.augment_probability)
+      gradient = step_lib.make_gradient_step(
+          self.model, augment_fn=augment_fn if d.augment_shift else None,
+          augment_conditioning=d.augment_conditioning)
       update = step_lib.make_update_step(
           self.model, self.tx, self.schedule, ema_decay=o.ema_decay,
           accumulation_steps=o.accumulation_steps,

@@ -155,8 +155,11 @@ def create(params: Params, tx: optax.GradientTransformation, seed: int, *,
                                      for _ in range(num_power_emas)))
 
 
-def make_gradient_step(model: model_lib.VDM, *,
-                       augment_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
+AugmentFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def make_gradient_step(model: model_lib.VDM, *, augment_fn: Optional[AugmentFn] = None,
+                       augment_conditioning: bool = False
                        ) -> Callable[[TrainState, dict], tuple[Params, dict[str, jax.Array]]]:
   """gradient_step(state, batch) -> (grads, loss metrics): the first half of the train step.
 
@@ -167,18 +170,24 @@ def make_gradient_step(model: model_lib.VDM, *,
 
   Args:
     model: a vdm_jax.model.VDM.
-    augment_fn: optional (key, images [B, H, W, C]) -> images applied to the batch first
-      (vdm_jax.train.augment), with a key of its own stream, fold_in(key, 1).
+    augment_fn: optional (key, images [B, H, W, C]) -> (images, moved float32 [B]) applied
+      to the batch first (vdm_jax.train.augment.random_shift), with a key of its own
+      stream, fold_in(key, 1).
+    augment_conditioning: pass moved to the network as its conditioning scalar (the
+      loss's `conditioning`), so that c = 0, what evaluation and sampling pass, means
+      unaugmented data.
   """
   def gradient_step(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
-    images = batch["image"]
+    images, conditioning = batch["image"], None
     if augment_fn is not None:
-      images = augment_fn(jax.random.fold_in(key, 1), images)
+      images, moved = augment_fn(jax.random.fold_in(key, 1), images)
+      conditioning = moved if augment_conditioning else None
 
     def loss_fn(params):
       labels = batch["label"] if model.config.num_classes > 0 else None
-      loss, terms = model.loss(params, images, key, labels=labels, train=True)
+      loss, terms = model.loss(params, images, key, labels=labels, train=True,
+                               conditioning=conditioning)
       return jnp.mean(losses.bits_per_dim(loss, model.num_dims)), terms
 
     (bpd, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -231,7 +240,7 @@ def make_update_step(model: model_lib.VDM, tx: optax.GradientTransformation, sch
 def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, schedule: Callable, *,
                     ema_decay: float, accumulation_steps: int = 1,
                     power_ema_gammas: Sequence[float] = (),
-                    augment_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
+                    augment_fn: Optional[AugmentFn] = None, augment_conditioning: bool = False
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict[str, jax.Array]]]:
   """train_step(state, batch) -> (new state, metrics of scalars), pure (jit it).
 
@@ -251,10 +260,10 @@ def make_train_step(model: model_lib.VDM, tx: optax.GradientTransformation, sche
     accumulation_steps: micro-batches per optimizer update (tx wraps optax.MultiSteps).
     power_ema_gammas: exponents of the power-function EMAs in state.power_emas (Python
       floats, from vdm_jax.ema.sigma_rel_to_gamma); each follows applied updates only.
-    augment_fn: optional (key, images [B, H, W, C]) -> images applied to the batch first
-      (vdm_jax.train.augment), with a key of its own stream, fold_in(step key, 1).
+    augment_fn, augment_conditioning: as in make_gradient_step.
   """
-  gradient_step = make_gradient_step(model, augment_fn=augment_fn)
+  gradient_step = make_gradient_step(model, augment_fn=augment_fn,
+                                     augment_conditioning=augment_conditioning)
   update_step = make_update_step(model, tx, schedule, ema_decay=ema_decay,
                                  accumulation_steps=accumulation_steps,
                                  power_ema_gammas=power_ema_gammas)
