@@ -24,7 +24,9 @@ grid-aligned features it gave 1.7489 +- 0.0062 over seeds 0, 1, 2 (1.7554, 1.743
 the reconstruction term is small. With TIME_PROPOSAL re-estimated from that model (below),
 it gave 1.7399 +- 0.0008 (1.7408, 1.7392, 1.7397). The skip's prior is learned
 (model.grid_prior: per-pixel logits over the 17 levels, zero at init, 1,088 parameters):
-1.7368 +- 0.0023 (1.7386, 1.7377, 1.7342), better on each seed by 0.0015 to 0.0055.
+1.7368 +- 0.0023 (1.7386, 1.7377, 1.7342), better on each seed by 0.0015 to 0.0055. The
+README's command (seed 0) printed 1.7386 after 7 min 11 s on 2026-12-02 05:13 UTC, alone
+in a slow hour (13.5 to 19.7 steps/s).
 
 The network is the digits sweep's best at a 5-minute budget (benchmarks/digits_sweep.py,
 benchmarks/results/digits_sweep.jsonl): a 32-wide FiLM U-Net with one 8x8 level (1 down,
