@@ -1,4 +1,4 @@
-"""Digits for about 13 minutes on 2 CPU cores: a lean FiLM U-Net at batch 128.
+"""Digits for 13 to 16 minutes on 2 CPU cores: a lean FiLM U-Net at batch 128.
 
 Same data, schedule, Fourier features, grid skip and prior, time proposal and evaluation
 as configs/digits.py, with the network and batch that the digits sweep
@@ -12,9 +12,11 @@ image; evaluation and sampling use 0, the unmoved digits' distribution).
 Measured on the project's 2-core machine on 2026-12-02 04:44-05:12 UTC, seed 0, two runs
 side by side (so 2.0 to 2.3 steps/s, 28 min each): with the augmentation (this config)
 1.8989, 1.7209 and **1.7170 +- 0.017** test bits/dim (K = 16) at steps 1,000, 2,000 and
-3,000; without it 1.8868, 1.7165 and 1.7325, overfitting after step 2,000. On 2026-12-01,
-alone, the config of that day (same network and batch, no grid features, skip or
-augmentation) took 12 min 42 s for the whole command at about 4.3 steps/s: 1.7550 +- 0.015.
+3,000; without it 1.8868, 1.7165 and 1.7325, overfitting after step 2,000. Alone at
+05:39 UTC this config reproduced those figures bitwise in 15 min 54 s for the whole
+command (2.7 to 4.1 steps/s, a slow hour). On 2026-12-01, alone, the config of that day
+(same network and batch, no grid features, skip or augmentation) took 12 min 42 s at
+about 4.3 steps/s: 1.7550 +- 0.015.
 
   python main.py --config=configs/digits_long.py --workdir=/tmp/vdm_digits_long
 """
