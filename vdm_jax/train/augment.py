@@ -17,7 +17,7 @@ def random_shift(key: PRNGKey, images: jax.Array, max_shift: int,
   With probability < 1 each image keeps its place with probability 1 - probability (a
   drawn shift is then set to (0, 0)). The second output says which images moved, for
   augmentation conditioning (Karras et al. 2022, "Elucidating the design space of
-  diffusion-based generative models", app. D.2): a network told c = moved learns the
+  diffusion-based generative models", non-leaky augmentation): a network told c = moved learns the
   unmoved images' distribution at c = 0, which evaluation and sampling use.
 
   Args:
