@@ -24,14 +24,19 @@ grid-aligned features it gave 1.7489 +- 0.0062 over seeds 0, 1, 2 (1.7554, 1.743
 the reconstruction term is small. With TIME_PROPOSAL re-estimated from that model (below),
 it gave 1.7399 +- 0.0008 (1.7408, 1.7392, 1.7397). The skip's prior is learned
 (model.grid_prior: per-pixel logits over the 17 levels, zero at init, 1,088 parameters):
-1.7368 +- 0.0023 (1.7386, 1.7377, 1.7342), better on each seed by 0.0015 to 0.0055. The
-README's command (seed 0) printed 1.7386 after 7 min 11 s on 2026-12-02 05:13 UTC, alone
-in a slow hour (13.5 to 19.7 steps/s).
+1.7368 +- 0.0023 (1.7386, 1.7377, 1.7342), better on each seed by 0.0015 to 0.0055 (the
+README's command at seed 0 printed 1.7386 after 7 min 11 s on 2026-12-02 05:13 UTC, alone
+in a slow hour). Two blocks per side for 4,500 steps instead of one for 6,000 (sweep runs
+beside another run: 415 to 483 s against 502 to 562 s) then gave 1.7298 +- 0.0010 (1.7300,
+1.7287, 1.7307), better on each seed by 0.0035 to 0.0090: this config. The README's command
+(seed 0) printed 1.7300 after 6 min 20 s on 2026-12-02 06:15 UTC, alone in a slow hour
+(10.8 to 16.4 steps/s).
 
-The network is the digits sweep's best at a 5-minute budget (benchmarks/digits_sweep.py,
-benchmarks/results/digits_sweep.jsonl): a 32-wide FiLM U-Net with one 8x8 level (1 down,
-2 middle with attention, 2 up blocks; 184k parameters) at batch 32 for 6,000 steps.
-Smaller batches with more steps won at equal wall time (one seed each, uniform times):
+The network is a 32-wide FiLM U-Net with one 8x8 level (2 down, 2 middle with attention,
+3 up blocks; about 250k parameters) at batch 32 for 4,500 steps. Before the grid skip the
+digits sweep (benchmarks/digits_sweep.py, benchmarks/results/digits_sweep.jsonl) found one
+block per side (184k parameters) best at a 5-minute budget, and smaller batches with more
+steps won at equal wall time (one seed each, uniform times):
 1.8052 at 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. The diffusion times
 come from TIME_PROPOSAL below (importance sampling), at learning rate 3e-3. Measured on
 the project's 2-core machine with the integer Fourier exponents (2, 3): 1.7818 +- 0.0008
@@ -40,7 +45,8 @@ test bits/dim over seeds 0, 1 and 2, 4 min 40 s for the whole command at seed 0 
 blocks this config trained before gave 1.8906 +- 0.0059 in 2,000 x 32 steps and 6.3 to
 6.6 minutes. With the grid-aligned exponents: 1.7730 +- 0.0016; with the grid skip as
 well: 1.7489 +- 0.0062; with the re-estimated TIME_PROPOSAL: 1.7399 +- 0.0008; with the
-learned grid prior as well (this config): 1.7368 +- 0.0023.
+learned grid prior as well: 1.7368 +- 0.0023; with two blocks per side for 4,500 steps
+(this config): 1.7298 +- 0.0010.
 
   python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """
@@ -69,7 +75,7 @@ def get_config():
   config.model.image_shape = (8, 8, 1)
   config.model.network = "unet"
   config.model.n_embd = 32
-  config.model.n_layer = 1
+  config.model.n_layer = 2  # 2 down, 2 middle (attention between), 3 up FiLM blocks
   config.model.channel_mult = (1,)  # one 8x8 level
   config.model.attention_resolutions = ()  # attention only in the middle
   config.model.dropout = 0.0
@@ -86,10 +92,10 @@ def get_config():
   config.optimizer.weight_decay = 0.0
   config.optimizer.ema_decay = 0.998
   config.training.batch_size = 32
-  config.training.num_steps = 6000
+  config.training.num_steps = 4500
   config.training.log_every = 500
-  config.training.eval_every = 3000
-  config.training.checkpoint_every = 3000
+  config.training.eval_every = 2250
+  config.training.checkpoint_every = 2250
   config.eval.batch_size = 128
   config.eval.num_time_samples = 16  # K = 1 gives a standard error of about 0.1 bits/dim here
   config.sample.num_steps = 200
