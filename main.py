@@ -72,6 +72,10 @@ def main(argv):
   if _CHECKPOINT.value and _MODE.value != "eval":
     sys.exit("error: --checkpoint names a checkpoint to evaluate; use it with --mode=eval")
   from vdm_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.use_cpu_devices(config.cpu_devices)
+  except train.ConfigError as err:
+    sys.exit(f"error: {err}")
   _initialize_distributed()
   logging.info("JAX process %d of %d, %d devices: %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices())

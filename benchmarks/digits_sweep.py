@@ -53,6 +53,7 @@ def run_one(overrides, seed):
   config.seed = seed
   config.training.eval_every = 0
   config.training.checkpoint_every = config.training.num_steps
+  train.use_cpu_devices(config.cpu_devices)  # as main.py does
   rates = []
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()

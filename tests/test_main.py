@@ -62,6 +62,7 @@ def test_train_mode_logs_progress_and_writes_checkpoints_and_samples(workdir):
   assert "train/bpd" in proc.stderr and "steps_per_sec" in proc.stderr and "ETA" in proc.stderr
   assert "per-pixel categorical baseline: 2.42" in proc.stderr
   assert "step 3 of 3 (100.0%), ETA 0:00:00" in proc.stderr
+  assert "1, 2 devices: [CpuDevice(id=0), CpuDevice(id=1)]" in proc.stderr  # cpu_devices = 2
 
 
 def test_training_without_tensorboard_never_imports_tensorflow_or_clus_writers(workdir):
@@ -110,6 +111,7 @@ def test_readme_sample_command_draws_ode_samples_of_a_named_checkpoint(workdir):
     ("--config=configs/nope.py", "error: cannot load the --config file"),
     ("--config.data.dataset=cifar11", "error: unknown data.dataset 'cifar11'"),
     ("--config.training.num_steps=-1", "error: training.num_steps must be a positive integer"),
+    ("--config.cpu_devices=-1", "error: cpu_devices must be an integer >= 0"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_error(tmp_path, flag, message):
   proc = _main(f"--workdir={tmp_path}", flag)

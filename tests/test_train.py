@@ -15,6 +15,7 @@ from vdm_jax import sampling
 from vdm_jax.train import checkpoints
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
+from vdm_jax.train import setup as setup_lib
 from vdm_jax import train
 from vdm_jax.train import step as step_lib
 from train_helpers import NOISE_PROOF_ADAM_EPS
@@ -308,6 +309,7 @@ def test_conditional_sampling_applies_classifier_free_guidance_to_the_chosen_lab
     ("training.num_steps", 0, "training.num_steps must be a positive integer, got 0"),
     ("training.batch_size", -8, "training.batch_size must be a positive integer"),
     ("sample.sampler", "euler", "sample.sampler must be one of"),
+    ("cpu_devices", -1, "cpu_devices must be an integer >= 0"),
 ])
 def test_bad_config_fails_fast_with_a_one_line_error(tmp_path, field, value, message):
   config = tiny_config()
@@ -321,6 +323,23 @@ def test_batch_not_divisible_by_device_count_fails_fast(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 3)
   with pytest.raises(ValueError, match=r"training.batch_size=8 is not divisible by the 3 devices"):
     train.validate_config(tiny_config(), str(tmp_path))
+
+
+def test_cpu_devices_once_jax_started_takes_only_the_count_it_has(monkeypatch):
+  """JAX fixes the CPU device count when its backends start (main.py sets it first)."""
+  started = len(jax.devices("cpu"))  # starts the backends, as any earlier test has
+  train.use_cpu_devices(started)  # the count it has: nothing to do
+  train.use_cpu_devices(0)  # JAX's default: nothing to do
+  with pytest.raises(ValueError, match=f"already started with {started} devices; call "
+                     "vdm_jax.train.use_cpu_devices before JAX's first operation"):
+    train.use_cpu_devices(started + 1)
+  assert len(jax.devices("cpu")) == started
+  config = tiny_config()
+  config.cpu_devices = started + 1
+  warnings = []
+  monkeypatch.setattr(setup_lib.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+  train.get_setup(config)  # in-process use with a count it cannot have: a warning
+  assert [w for w in warnings if f"cpu_devices={started + 1}, but this process has {started}" in w]
 
 
 def test_unwritable_workdir_fails_fast(tmp_path):

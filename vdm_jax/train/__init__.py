@@ -25,6 +25,7 @@ from vdm_jax.train.loop import request_stop
 from vdm_jax.train.loop import train_and_evaluate
 from vdm_jax.train.setup import Setup
 from vdm_jax.train.setup import get_setup
+from vdm_jax.train.setup import use_cpu_devices
 
 __all__ = [
     "CheckpointError",
@@ -38,5 +39,6 @@ __all__ = [
     "restore",
     "sample",
     "train_and_evaluate",
+    "use_cpu_devices",
     "validate_config",
 ]

@@ -8,6 +8,7 @@ with one line naming the field, the value and the fix.
 import dataclasses
 import os
 import tempfile
+from typing import Any
 
 import jax
 import ml_collections
@@ -34,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
   """The base config (CIFAR-10 shapes); configs/*.py override it for each experiment."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # XLA devices made of the host CPU (setup.use_cpu_devices, which main.py calls before JAX
+  # starts): 0 keeps JAX's default; N splits the CPU into N devices that share each batch.
+  config.cpu_devices = 0
   config.data = ml_collections.ConfigDict(dict(
       dataset="cifar10",   # digits | mnist | fashion_mnist | cifar10 | imagenet32 | imagenet64 | npz | image_folder
       data_dir="",         # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
@@ -216,9 +220,16 @@ def _validate_power_ema(config):
            "--config.eval.posthoc_sigma_rels='()'")
 
 
+def check_cpu_devices(count: Any) -> None:
+  """ConfigError unless config.cpu_devices is an integer >= 0."""
+  _require(_numerics.is_int(count) and count >= 0, f"cpu_devices must be an integer >= 0 "
+           f"(0: JAX's default), got {count!r}; set --config.cpu_devices")
+
+
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Fails fast (before any compile) with a one-line ConfigError naming the fix."""
   num_devices, num_hosts = jax.device_count(), jax.process_count()
+  check_cpu_devices(config.cpu_devices)
   _validate_data(config)
   _validate_training(config)
   _validate_optimizer(config)

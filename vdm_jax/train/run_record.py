@@ -27,7 +27,7 @@ CHANGES_FILE = "config_changes.jsonl"
 RESUMABLE = ("training.num_steps", "training.log_every", "training.eval_every",
              "training.checkpoint_every", "training.keep_checkpoints", "training.tensorboard",
              "eval.", "sample.",
-             "data.num_threads", "data.prefetch_batches")
+             "data.num_threads", "data.prefetch_batches", "cpu_devices")
 _ABSENT = "<absent>"
 
 
