@@ -21,9 +21,13 @@ subprocess measures, at a per-config batch size that fits this CPU:
     10 % or more within a minute.
 Results print as a table and append as JSON lines (device, jax version, load average)
 to benchmarks/results/train_throughput.jsonl. Runs unchanged on GPU/TPU.
+Each config runs on its own config.cpu_devices CPU devices (train.use_cpu_devices, as
+main.py); --cpu_devices=1,2 measures each config at each of those counts in turn (the bare
+network's figures stay on one device).
 
   python benchmarks/train_throughput.py                        # every config
   python benchmarks/train_throughput.py --only=cifar10,digits  # some
+  python benchmarks/train_throughput.py --only=digits,digits_long --cpu_devices=1,2,1,2
 """
 import argparse
 import json
@@ -115,13 +119,16 @@ def _bare_rate(step, state, batch, steps):
   return state, steps / (time.perf_counter() - start)
 
 
-def measure(name, batch_size, steps, loop):
-  """One config's figures (runs inside its own subprocess)."""
+def measure(name, batch_size, steps, loop, cpu_devices=None):
+  """One config's figures (runs inside its own subprocess); cpu_devices None: the config's."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vdm_jax import train  # pylint: disable=g-import-not-at-top
   from vdm_jax.train import performance  # pylint: disable=g-import-not-at-top
   config = _config(name, batch_size)
+  if cpu_devices is not None:
+    config.cpu_devices = cpu_devices
+  train.use_cpu_devices(config.cpu_devices)  # before JAX's first operation, as main.py
   setup = train.Setup(config)
   state = setup.init_state()
   # A copy: the train step donates (deletes) state.params, and the network is timed
@@ -150,6 +157,7 @@ def measure(name, batch_size, steps, loop):
   achieved = flops / (step_ms / 1e3) if flops else None
   result = {
       "config": name, "batch_size": batch_size, "timed_steps": steps,
+      "devices": jax.device_count(),
       "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "net_compile_s": round(net_compile_s, 1), "step_compile_s": round(step_compile_s, 1),
       "compile_ratio": round(step_compile_s / net_compile_s, 2),
@@ -197,7 +205,7 @@ def _loop_rate(config, steps):
   return {"loop_steps_per_s": round(_median(warm), 2), "loop_intervals": len(warm)}
 
 
-COLUMNS = ("config", "batch_size", "net_compile_s", "step_compile_s", "compile_ratio",
+COLUMNS = ("config", "devices", "batch_size", "net_compile_s", "step_compile_s", "compile_ratio",
            "net_step_ms", "step_ms", "step_over_net", "img_per_s", "gflop_per_step",
            "tflops_per_device", "mfu", "peak_rss_gb", "device_peak_gb", "loop_over_bare")
 
@@ -213,20 +221,26 @@ def main():
   parser.add_argument("--only", default="", help="comma-separated config names (default: all)")
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # the subprocess's config
   parser.add_argument("--out", default=str(RESULTS), help="JSON-lines file ('' = none)")
+  parser.add_argument("--cpu_devices", default="",
+                      help="comma-separated config.cpu_devices values to measure each config "
+                      "at, in turn (default: each config's own)")
   args = parser.parse_args()
   if args.one:
     batch_size, steps, loop = PLAN[args.one]
-    print("RESULT " + json.dumps(measure(args.one, batch_size, steps, loop)), flush=True)
+    count = int(args.cpu_devices) if args.cpu_devices else None
+    print("RESULT " + json.dumps(measure(args.one, batch_size, steps, loop, count)), flush=True)
     return
   names = args.only.split(",") if args.only else list(PLAN)
   unknown = sorted(set(names) - set(PLAN))
   if unknown:
     sys.exit(f"unknown config(s) {unknown}; known: {', '.join(PLAN)}")
   rows = []
-  for name in names:
-    print(f"measuring {name} (batch {PLAN[name][0]}) ...", flush=True)
-    proc = subprocess.run([sys.executable, __file__, f"--one={name}"], capture_output=True,
-                          text=True, cwd=ROOT, check=False)
+  counts = args.cpu_devices.split(",") if args.cpu_devices else [""]
+  for name, count in [(name, count) for name in names for count in counts]:
+    print(f"measuring {name} (batch {PLAN[name][0]}, cpu_devices {count or 'of the config'}) "
+          "...", flush=True)
+    proc = subprocess.run([sys.executable, __file__, f"--one={name}", f"--cpu_devices={count}"],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
       print(proc.stderr[-2000:])

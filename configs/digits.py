@@ -30,7 +30,10 @@ in a slow hour). Two blocks per side for 4,500 steps instead of one for 6,000 (s
 beside another run: 415 to 483 s against 502 to 562 s) then gave 1.7298 +- 0.0010 (1.7300,
 1.7287, 1.7307), better on each seed by 0.0035 to 0.0090: this config. The README's command
 (seed 0) printed 1.7300 after 6 min 20 s on 2026-12-02 06:15 UTC, alone in a slow hour
-(10.8 to 16.4 steps/s).
+(10.8 to 16.4 steps/s). With the CPU split into two devices that share each batch
+(cpu_devices = 2, see vdm_jax.train.use_cpu_devices) it printed 1.7300 again (the
+device count changes only float rounding) after 4 min 43 s at 07:35 UTC, alone, at 19.5
+to 21.8 steps/s.
 
 The network is a 32-wide FiLM U-Net with one 8x8 level (2 down, 2 middle with attention,
 3 up blocks; about 250k parameters) at batch 32 for 4,500 steps. Before the grid skip the

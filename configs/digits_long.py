@@ -1,4 +1,4 @@
-"""Digits for 13 to 16 minutes on 2 CPU cores: a lean FiLM U-Net at batch 128.
+"""Digits for 12 to 16 minutes on 2 CPU cores: a lean FiLM U-Net at batch 128.
 
 Same data, network (a 32-wide one-level U-Net: 2 down, 2 middle with attention, 3 up FiLM
 ResNet blocks, 250k parameters), schedule, Fourier features, grid skip and prior, time
@@ -14,9 +14,12 @@ side by side (so 2.0 to 2.3 steps/s, 28 min each): with the augmentation (this c
 1.8989, 1.7209 and **1.7170 +- 0.017** test bits/dim (K = 16) at steps 1,000, 2,000 and
 3,000; without it 1.8868, 1.7165 and 1.7325, overfitting after step 2,000. Alone at
 05:39 UTC this config reproduced those figures bitwise in 15 min 54 s for the whole
-command (2.7 to 4.1 steps/s, a slow hour). On 2026-12-01, alone, the config of that day
-(same network and batch, no grid features, skip or augmentation) took 12 min 42 s at
-about 4.3 steps/s: 1.7550 +- 0.015.
+command (2.7 to 4.1 steps/s, a slow hour), on one CPU device. On two (cpu_devices = 2,
+inherited from configs/digits.py) it printed the same three figures in 12 min 24 s alone
+at 08:23 UTC (3.9 to 5.3 steps/s). 3,600 steps (alone, 12 min 58 s) overfit: 1.8147,
+1.7108 and 1.7236 at steps 1,200, 2,400 and 3,600. On 2026-12-01, alone, the config of
+that day (same network and batch, no grid features, skip or augmentation) took 12 min 42 s
+at about 4.3 steps/s: 1.7550 +- 0.015.
 
   python main.py --config=configs/digits_long.py --workdir=/tmp/vdm_digits_long
 """

@@ -36,9 +36,10 @@ def use_cpu_devices(count: int) -> None:
 
   The train step then shares each batch among them, as among accelerators (data
   parallel; the numbers do not depend on the device count). One CPU device runs the small
-  convolutions of the digits model on too few threads: on the project's 2-core machine
-  2 devices took the digits step from about 16 to about 19.5 steps/s (2026-12-02, runs
-  interleaved beside another job). Only the CPU backend changes; GPU and TPU runs are
+  convolutions of the digits model on too few threads: on the project's 2-core machine,
+  in main.py runs alternating the count, 2 devices took the digits config from 15.6-17.8
+  to 19.3-22.1 steps/s and digits_long from 2.8-3.1 to 4.6-5.0 (2026-12-02, README).
+  Only the CPU backend changes; GPU and TPU runs are
   unaffected. JAX fixes the count when it starts its backends, so call this before JAX's
   first operation (main.py does); later, a different count raises ConfigError.
   """
