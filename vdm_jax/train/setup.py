@@ -39,9 +39,9 @@ def use_cpu_devices(count: int) -> None:
   convolutions of the digits model on too few threads: on the project's 2-core machine,
   in main.py runs alternating the count, 2 devices took the digits config from 15.6-17.8
   to 19.3-22.1 steps/s and digits_long from 2.8-3.1 to 4.6-5.0 (2026-12-02, README).
-  Only the CPU backend changes; GPU and TPU runs are
-  unaffected. JAX fixes the count when it starts its backends, so call this before JAX's
-  first operation (main.py does); later, a different count raises ConfigError.
+  Only the CPU backend changes; GPU and TPU runs are unaffected. JAX fixes the count when
+  it starts its backends, so call this before JAX's first operation (main.py and the
+  notebooks do); later, a different count raises ConfigError.
   """
   config_lib.check_cpu_devices(count)
   if not count:
