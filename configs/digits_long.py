@@ -17,7 +17,8 @@ side by side (so 2.0 to 2.3 steps/s, 28 min each): with the augmentation (this c
 command (2.7 to 4.1 steps/s, a slow hour), on one CPU device. On two (cpu_devices = 2,
 inherited from configs/digits.py) it printed the same three figures in 12 min 24 s alone
 at 08:23 UTC (3.9 to 5.3 steps/s). 3,600 steps (alone, 12 min 58 s) overfit: 1.8147,
-1.7108 and 1.7236 at steps 1,200, 2,400 and 3,600. On 2026-12-01, alone, the config of
+1.7108 and 1.7236 at steps 1,200, 2,400 and 3,600; with augment_probability 0.5 as well,
+1.8243, 1.7174 and 1.7199. On 2026-12-01, alone, the config of
 that day (same network and batch, no grid features, skip or augmentation) took 12 min 42 s
 at about 4.3 steps/s: 1.7550 +- 0.015.
 
