@@ -338,7 +338,7 @@ def test_cpu_devices_once_jax_started_takes_only_the_count_it_has(monkeypatch):
   config.cpu_devices = started + 1
   warnings = []
   monkeypatch.setattr(setup_lib.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
-  train.get_setup(config)  # in-process use with a count it cannot have: a warning
+  setup_lib.Setup(config)  # in-process use with a count it cannot have: a warning
   assert [w for w in warnings if f"cpu_devices={started + 1}, but this process has {started}" in w]
 
 

@@ -20,6 +20,7 @@ def tiny_config(num_steps=20):
   """configs/digits with TINY_MODEL and small batches: a real step compiles in seconds."""
   config = digits.get_config()
   config.model.update(TINY_MODEL)
+  config.cpu_devices = 0  # the devices this process's JAX has (configs/digits.py asks for 2)
   config.training.num_steps = num_steps
   config.training.batch_size = 8
   config.training.log_every = 5
