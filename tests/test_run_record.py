@@ -108,7 +108,7 @@ def _main(workdir, *flags):
       ("training.checkpoint_every", 5), ("training.keep_checkpoints", 5),
       ("training.eval_every", 0), ("optimizer.warmup_steps", 2), ("eval.batch_size", 16),
       ("eval.num_examples", 24), ("sample.num_images", 4), ("sample.num_steps", 6),
-      ("sample.gif_frames", 3), ("training.tensorboard", False))]
+      ("sample.gif_frames", 3), ("training.tensorboard", False), ("cpu_devices", 0))]
   return subprocess.run([sys.executable, "main.py", "--config=configs/digits.py",
                          f"--workdir={workdir}", *overrides, *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
