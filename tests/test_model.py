@@ -140,14 +140,16 @@ def test_grid_prior_is_a_learned_per_pixel_prior_of_the_grid_skip():
   x = rng.integers(0, 17, (2, 8, 8, 1)).astype(np.int32)
   z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   gamma = jnp.asarray([-7.0, 2.0])
-  params = learned.init(jax.random.PRNGKey(3), x)
+  # Jitted where no comparison is to a few ulps: op by op, these took about 3x longer.
+  eps = jax.jit(lambda model, p: model.eps_fn(p)(z, gamma), static_argnums=0)
+  params = jax.jit(learned.init)(jax.random.PRNGKey(3), x)
   np.testing.assert_array_equal(params["grid_prior"], np.zeros((8, 8, 1, 17)))
-  np.testing.assert_array_equal(learned.eps_fn(params)(z, gamma), skip.eps_fn(params)(z, gamma))
+  np.testing.assert_array_equal(eps(learned, params), eps(skip, params))
   params = _random_params(learned, rng)
-  net = _model(**{**kw, "grid_skip": False}).eps_fn(params)(z, gamma)
-  grid = decoders.grid_noise_estimate(z, gamma, 17, params["grid_prior"])
+  net = _model(**{**kw, "grid_skip": False}).eps_fn(params)(z, gamma)  # op by op, as the
+  grid = decoders.grid_noise_estimate(z, gamma, 17, params["grid_prior"])  # next line
   np.testing.assert_allclose(learned.eps_fn(params)(z, gamma), net + grid, rtol=1e-6, atol=1e-6)
-  grads = jax.grad(lambda p: learned.loss(p, x, jax.random.PRNGKey(0))[0].mean())(params)
+  grads = jax.jit(jax.grad(lambda p: learned.loss(p, x, jax.random.PRNGKey(0))[0].mean()))(params)
   assert np.all(np.isfinite(grads["grid_prior"])) and np.any(grads["grid_prior"] != 0)
 
 

@@ -20,8 +20,6 @@ import pytest
 from vdm_jax import model as model_lib
 from vdm_jax import reference
 
-checkpoint = pytest.importorskip("clu.checkpoint")  # the trainer's extra ("pip install .[train]")
-
 NAME = "learnable_scalar"
 
 
@@ -41,7 +39,12 @@ def _state(params, ema_params, step):
 
 
 def _save(base, *states):
-  """Saves states in order with MultihostCheckpoint(base) as host 0; returns base-0."""
+  """Saves states in order with MultihostCheckpoint(base) as host 0; returns base-0.
+
+  clu.checkpoint (the trainer's extra, "pip install .[train]") imports TensorFlow: imported
+  here, not at collection, it costs only the tests that write such checkpoints.
+  """
+  checkpoint = pytest.importorskip("clu.checkpoint")
   ckpt = checkpoint.MultihostCheckpoint(str(base), {}, host_id=0, max_to_keep=5)
   for state in states:
     ckpt.save(state)
