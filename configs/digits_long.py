@@ -9,18 +9,23 @@ overfits without help, so a fifth of the training digits move by one pixel and t
 is told which (augmentation conditioning, Karras et al. 2022: conditioning 1 for a moved
 image; evaluation and sampling use 0, the unmoved digits' distribution).
 
-Measured on the project's 2-core machine on 2026-12-02 04:44-05:12 UTC, seed 0, two runs
-side by side (so 2.0 to 2.3 steps/s, 28 min each): with the augmentation (this config)
-1.8989, 1.7209 and **1.7170 +- 0.017** test bits/dim (K = 16) at steps 1,000, 2,000 and
-3,000; without it 1.8868, 1.7165 and 1.7325, overfitting after step 2,000. Alone at
-05:39 UTC this config reproduced those figures bitwise in 15 min 54 s for the whole
-command (2.7 to 4.1 steps/s, a slow hour), on one CPU device. On two (cpu_devices = 2,
-inherited from configs/digits.py) it printed the same three figures in 12 min 24 s alone
-at 08:23 UTC (3.9 to 5.3 steps/s). 3,600 steps (alone, 12 min 58 s) overfit: 1.8147,
-1.7108 and 1.7236 at steps 1,200, 2,400 and 3,600; with augment_probability 0.5 as well,
-1.8243, 1.7174 and 1.7199. On 2026-12-01, alone, the config of
-that day (same network and batch, no grid features, skip or augmentation) took 12 min 42 s
-at about 4.3 steps/s: 1.7550 +- 0.015.
+With the weight decay it inherits from configs/digits.py (0.5)
+it printed 1.9522, 1.7161 and **1.7075 +- 0.017** at steps 1,000, 2,000 and 3,000 (seed 0,
+11:45-12:03 UTC, 17 min while two sweep runs shared the machine for its first 10), against
+1.8989, 1.7209 and 1.7170 without it (below).
+
+Before the weight decay, measured on the project's 2-core machine on 2026-12-02
+04:44-05:12 UTC, seed 0, two runs side by side (so 2.0 to 2.3 steps/s, 28 min each): with
+the augmentation 1.8989, 1.7209 and **1.7170 +- 0.017** test bits/dim (K = 16) at steps
+1,000, 2,000 and 3,000; without it 1.8868, 1.7165 and 1.7325, overfitting after step
+2,000. Alone at 05:39 UTC this config reproduced those figures bitwise in 15 min 54 s for
+the whole command (2.7 to 4.1 steps/s, a slow hour), on one CPU device. On two
+(cpu_devices = 2, inherited from configs/digits.py) it printed the same three figures in
+12 min 24 s alone at 08:23 UTC (3.9 to 5.3 steps/s). 3,600 steps (alone, 12 min 58 s)
+overfit: 1.8147, 1.7108 and 1.7236 at steps 1,200, 2,400 and 3,600; with
+augment_probability 0.5 as well, 1.8243, 1.7174 and 1.7199. On 2026-12-01, alone, the
+config of that day (same network and batch, no grid features, skip or augmentation) took
+12 min 42 s at about 4.3 steps/s: 1.7550 +- 0.015.
 
   python main.py --config=configs/digits_long.py --workdir=/tmp/vdm_digits_long
 """
