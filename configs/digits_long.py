@@ -13,7 +13,8 @@ With the weight decay it inherits from configs/digits.py (0.5)
 it printed 1.9522, 1.7161 and **1.7075 +- 0.017** at steps 1,000, 2,000 and 3,000 (seed 0,
 11:45-12:03 UTC, 17 min while two sweep runs shared the machine for its first 10), against
 1.8989, 1.7209 and 1.7170 without it (below). With it, 3,600 steps still overfit at the
-end: 1.8516, 1.6999 and 1.7242 at steps 1,200, 2,400 and 3,600 (12:09-12:31 UTC).
+end: 1.8516, 1.6999 and 1.7242 at steps 1,200, 2,400 and 3,600 (12:09-12:31 UTC), and a
+2,400-step schedule ended at 1.7091 (alone, 8 min 29 s).
 
 Before the weight decay, measured on the project's 2-core machine on 2026-12-02
 04:44-05:12 UTC, seed 0, two runs side by side (so 2.0 to 2.3 steps/s, 28 min each): with
