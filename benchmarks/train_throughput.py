@@ -30,6 +30,7 @@ network's figures stay on one device).
   python benchmarks/train_throughput.py --only=digits,digits_long --cpu_devices=1,2,1,2
 """
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -236,7 +237,7 @@ def main():
     sys.exit(f"unknown config(s) {unknown}; known: {', '.join(PLAN)}")
   rows = []
   counts = args.cpu_devices.split(",") if args.cpu_devices else [""]
-  for name, count in [(name, count) for name in names for count in counts]:
+  for name, count in itertools.product(names, counts):
     print(f"measuring {name} (batch {PLAN[name][0]}, cpu_devices {count or 'of the config'}) "
           "...", flush=True)
     proc = subprocess.run([sys.executable, __file__, f"--one={name}", f"--cpu_devices={count}"],

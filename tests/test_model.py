@@ -146,8 +146,9 @@ def test_grid_prior_is_a_learned_per_pixel_prior_of_the_grid_skip():
   np.testing.assert_array_equal(params["grid_prior"], np.zeros((8, 8, 1, 17)))
   np.testing.assert_array_equal(eps(learned, params), eps(skip, params))
   params = _random_params(learned, rng)
-  net = _model(**{**kw, "grid_skip": False}).eps_fn(params)(z, gamma)  # op by op, as the
-  grid = decoders.grid_noise_estimate(z, gamma, 17, params["grid_prior"])  # next line
+  # Op by op, like the learned model's prediction below: a tolerance of 1e-6 is a few ulps.
+  net = _model(**{**kw, "grid_skip": False}).eps_fn(params)(z, gamma)
+  grid = decoders.grid_noise_estimate(z, gamma, 17, params["grid_prior"])
   np.testing.assert_allclose(learned.eps_fn(params)(z, gamma), net + grid, rtol=1e-6, atol=1e-6)
   grads = jax.jit(jax.grad(lambda p: learned.loss(p, x, jax.random.PRNGKey(0))[0].mean()))(params)
   assert np.all(np.isfinite(grads["grid_prior"])) and np.any(grads["grid_prior"] != 0)
