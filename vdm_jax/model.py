@@ -60,6 +60,7 @@ class ModelConfig:
   attention_resolutions: Tuple[int, ...] = (16,)  # unet only
   patch_size: int = 2  # dit only
   num_heads: int = 4  # dit only
+  ensemble_size: int = 1  # > 1: the mean of that many separately trained networks (nets.Ensemble)
   schedule: str = "learned_linear"
   gamma_min: float = -13.3
   gamma_max: float = 5.0
@@ -132,6 +133,8 @@ class ModelConfig:
       _fail("n_embd", "an int >= 4", self.n_embd)
     if not (_numerics.is_int(self.n_layer) and self.n_layer >= 0):
       _fail("n_layer", "an int >= 0", self.n_layer)
+    if not (_numerics.is_int(self.ensemble_size) and self.ensemble_size >= 1):
+      _fail("ensemble_size", "an int >= 1", self.ensemble_size)
     if self.network == "score_unet" and self.n_embd % 32:
       _fail("n_embd", "a multiple of 32 (GroupNorm with 32 groups) for score_unet", self.n_embd)
     if self.network == "unet":
@@ -149,6 +152,11 @@ class ModelConfig:
 
 
 def _build_network(c):
+  network = _build_one_network(c)
+  return network if c.ensemble_size == 1 else nets.Ensemble(network, c.ensemble_size)
+
+
+def _build_one_network(c):
   common = dict(n_embd=c.n_embd, n_layer=c.n_layer, with_fourier_features=c.with_fourier_features,
                 fourier_exponents=c.fourier_exponents,
                 dropout=c.dropout, gamma_min=c.gamma_min, gamma_max=c.gamma_max,

@@ -5,6 +5,7 @@ with z [B, H, W, C], g_t scalar or [B] (gamma_t, not t), conditioning float [B] 
 labels int [B] in [0, num_classes] (num_classes = null label) or None.
 """
 from vdm_jax.nets.dit import DiT
+from vdm_jax.nets.ensemble import Ensemble
 from vdm_jax.nets.schedules import FixedSchedule
 from vdm_jax.nets.schedules import LearnedLinear
 from vdm_jax.nets.schedules import LearnedMonotone
@@ -14,6 +15,7 @@ from vdm_jax.nets.unet import UNet
 
 __all__ = [
     "DiT",
+    "Ensemble",
     "FixedSchedule",
     "LearnedLinear",
     "LearnedMonotone",
