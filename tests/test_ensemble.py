@@ -9,14 +9,14 @@ from vdm_jax import model
 from vdm_jax import nets
 from vdm_jax.train import step
 
-SIZE = 3
+SIZE = 2
 # eps_hat is O(1) here; the two sides run the same float32 operations in a different
 # association (one sum over members against another), a few ulps of the O(1) terms.
 ATOL = 1e-5
 
 
 def _member():
-  return nets.UNet(n_embd=8, n_layer=1, channel_mult=(1,), attention_resolutions=(), dropout=0.0)
+  return nets.UNet(n_embd=8, n_layer=0, channel_mult=(1,), attention_resolutions=(), dropout=0.0)
 
 
 @jax.jit
@@ -79,14 +79,14 @@ def test_a_member_gets_no_gradient_from_the_other_members_examples(request):
   grads = jax.jit(jax.grad(loss))(params)
   norms = {name: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree))))
            for name, tree in grads.items()}
-  assert norms["member_1"] > 0
-  assert norms["member_0"] == 0 and norms["member_2"] == 0, norms
+  assert norms.pop("member_1") > 0
+  assert set(norms.values()) == {0.0}, norms
 
 
 def test_a_training_batch_must_be_a_multiple_of_the_size(request):
   ensemble, params, _, _ = _setup(request)
   z, g = _inputs(seed_of(request), 2 * SIZE + 1)
-  with pytest.raises(ValueError, match="multiple of 3.*training.batch_size"):
+  with pytest.raises(ValueError, match="multiple of 2.*training.batch_size"):
     ensemble.apply({"params": params}, z, g, train=True)
 
 
@@ -97,7 +97,7 @@ def test_model_config_rejects_an_ensemble_size_below_one():
 
 def _digits_config(**kw):
   return model.ModelConfig(vocab_size=17, image_shape=(8, 8, 1), network="unet", n_embd=8,
-                           n_layer=1, channel_mult=(1,), attention_resolutions=(), dropout=0.0,
+                           n_layer=0, channel_mult=(1,), attention_resolutions=(), dropout=0.0,
                            grid_skip=True, grid_prior=True, **kw)
 
 
