@@ -40,7 +40,7 @@ class Ensemble(nn.Module):
 
   Attributes:
     member: the network to copy (any vdm_jax.nets network; its own name is ignored).
-    size: the number N of members, >= 2.
+    size: the number N of members (model.ensemble_size builds one from N = 2).
   """
   member: nn.Module
   size: int
