@@ -21,7 +21,6 @@ overfit in different ways disagree most on unseen images, which is where this pa
 The ensemble is one VDM: its test bits/dim is the same continuous-time bound, evaluated
 with the averaged noise prediction.
 """
-import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,9 +45,7 @@ class Ensemble(nn.Module):
   size: int
 
   def _members(self):
-    fields = {f.name: getattr(self.member, f.name) for f in dataclasses.fields(self.member)
-              if f.init and f.name not in ("parent", "name")}
-    return [type(self.member)(**fields, name=f"member_{i}") for i in range(self.size)]
+    return [self.member.clone(parent=self, name=f"member_{i}") for i in range(self.size)]
 
   @nn.compact
   def __call__(self, z: jax.Array, g_t: ArrayLike, conditioning: ArrayLike | None = None,
