@@ -46,7 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
 # name -> (batch size, timed steps, measure the real loop) on a 2-core CPU.
 PLAN = {
-    "fixture_tiny": (64, 20, True), "digits": (32, 30, True), "digits_long": (128, 20, False),
+    "fixture_tiny": (64, 20, True), "digits": (32, 30, True), "digits_long": (64, 20, False),
     "digits_cond": (32, 30, False),
     "mnist": (16, 5, False), "fashion_mnist": (16, 5, False), "image_folder": (8, 3, False),
     "cifar10": (8, 5, False), "imagenet32": (4, 3, False), "imagenet64": (2, 3, False),

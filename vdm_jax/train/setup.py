@@ -38,7 +38,8 @@ def use_cpu_devices(count: int) -> None:
   parallel; the numbers do not depend on the device count). One CPU device runs the small
   convolutions of the digits model on too few threads: on the project's 2-core machine,
   in main.py runs alternating the count, 2 devices took the digits config from 15.6-17.8
-  to 19.3-22.1 steps/s and digits_long from 2.8-3.1 to 4.6-5.0 (2026-12-02, README).
+  to 19.3-22.1 steps/s and digits_long (then one network at batch 128) from 2.8-3.1 to 4.6-5.0
+  (2026-12-02, README).
   Only the CPU backend changes; GPU and TPU runs are unaffected. JAX fixes the count when
   it starts its backends, so call this before JAX's first operation (main.py and the
   notebooks do); later, a different count raises ConfigError.
