@@ -39,7 +39,6 @@ def get_config():
   config.model.ensemble_size = 2  # two networks; each trains on every other digit of a batch
   config.training.batch_size = 64  # 32 digits per network per step, as in configs/digits.py
   config.training.num_steps = 6000
-  config.training.log_every = 500
   config.training.eval_every = 3000
   config.training.checkpoint_every = 3000
   return config
