@@ -12,12 +12,17 @@ digits.py (training bound 1.647 against 1.7125 on the test digits at seed 0).
 
 Measured on the project's 2-core machine on 2026-12-02, alone, seed 0 (whole command,
 /usr/bin/time; benchmarks/results/digits_sweep.jsonl):
-  * 6,000 steps (this config): 1.7485 and **1.6888 +- 0.017** test bits/dim at steps
-    3,000 and 6,000 ('bpd': 1.6887959557265362), 11 min 34 s, 2.3 GB peak, 10.3 to 10.4
-    steps/s (17:45 UTC; the same figures as these settings given as overrides at 16:52).
-    Seeds 1 and 2 (benchmarks/digits_sweep.py, side by side): 1.6831 and 1.6882; over
-    seeds 0, 1, 2 **1.6867 +- 0.0031** (sd), each seed 0.024 to 0.034 below
-    configs/digits.py's one network at that seed (1.7125, 1.7172, 1.7136);
+  * 6,000 steps (this config), evaluating every 3,000 steps as it did then: 1.7485 and
+    **1.6888 +- 0.017** test bits/dim at steps 3,000 and 6,000
+    ('bpd': 1.6887959557265362), 11 min 34 s, 2.3 GB peak, 10.3 to 10.4 steps/s (17:45 UTC;
+    the same figures as these settings given as overrides at 16:52). Seeds 1 and 2
+    (benchmarks/digits_sweep.py, side by side): 1.6831 and 1.6882; over seeds 0, 1, 2
+    **1.6867 +- 0.0031** (sd), each seed 0.024 to 0.034 below configs/digits.py's one
+    network at that seed (1.7125, 1.7172, 1.7136);
+  * evaluating every 1,000 steps (this config since 2026-12-03; about 14 s each), alone on
+    2026-12-03 at 06:58 UTC: 1.9677, 1.7911, 1.7486, 1.7165, 1.6944 and 1.6883 at steps
+    1,000 to 6,000 in 10 min 40 s (10.7 to 13.6 steps/s, a fast hour;
+    benchmarks/results/digits_long_eval_history.jsonl);
   * 5,000 steps: 1.6954 in 11 min 8 s; 7,500 steps: 1.6844 in 14 min 56 s, too close to
     15 minutes to keep in an hour when the machine is slower;
   * three networks at batch 96 for 4,500 steps: 1.6943 in 17 min 25 s (5.6 steps/s).
@@ -39,6 +44,6 @@ def get_config():
   config.model.ensemble_size = 2  # two networks; each trains on every other digit of a batch
   config.training.batch_size = 64  # 32 digits per network per step, as in configs/digits.py
   config.training.num_steps = 6000
-  config.training.eval_every = 3000
+  config.training.eval_every = 1000  # six points on the learning curve (about 14 s each)
   config.training.checkpoint_every = 3000
   return config

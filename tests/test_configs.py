@@ -56,7 +56,7 @@ def _tiny(config, tmp_path):
   m = config.model
   m.n_embd, m.n_layer, m.with_attention, m.with_fourier_features = 32, 0, False, False
   if m.network == "unet":
-    m.n_layer, m.channel_mult, m.attention_resolutions = 1, (1,), ()
+    m.n_layer, m.channel_mult, m.attention_resolutions = 0, (1,), ()
   config.training.batch_size = 2
   if config.data.dataset == "image_folder":
     rng = np.random.default_rng(1612)
