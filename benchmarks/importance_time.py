@@ -16,7 +16,7 @@ Reported, in bits/dim:
     (what K samples per image divide by K), and the ratio uniform / importance-sampled.
 Printed, and appended as one JSON line to benchmarks/results/importance_time.jsonl.
 
-  python benchmarks/importance_time.py --config=configs/digits_long.py --workdir=/tmp/vdm_digits_long
+  python benchmarks/importance_time.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """
 import argparse
 import importlib
@@ -93,7 +93,7 @@ def compare(bounds, test_images, key, proposal, *, repeats, to_bpd):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/digits_long.py")
+  parser.add_argument("--config", default="configs/digits.py")
   parser.add_argument("--workdir", required=True, help="a trained run of --config")
   parser.add_argument("--num_bins", type=int, default=32)
   parser.add_argument("--pilot_passes", type=int, default=8)
