@@ -17,30 +17,18 @@ benchmarks/results/generalization_gap.jsonl.
   python benchmarks/generalization_gap.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """
 import argparse
-import importlib
 import json
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import machine  # benchmarks/machine.py: a script's own folder is on sys.path
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import runs  # benchmarks/runs.py: it also puts the repository on sys.path
 
 from vdm_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vdm_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vdm_jax.train import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-RESULTS = ROOT / "benchmarks" / "results" / "generalization_gap.jsonl"
-
-
-def _images(source, batch_size=512):
-  """Every image of a split, int32 [N, H, W, C]."""
-  return np.concatenate([b["image"] for b in data.eval_batches(source, batch_size=batch_size)])
+RESULTS = runs.ROOT / "benchmarks" / "results" / "generalization_gap.jsonl"
 
 
 def _diffusion_integrand(eps_fn, gamma_fn, vocab_size):
@@ -75,13 +63,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=8)
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
-  config = importlib.import_module(args.config.removesuffix(".py").replace("/", ".")).get_config()
-  setup, step, state = train.restore(config, args.workdir)
+  config, setup, step, state = runs.restore(args.config, args.workdir)
   eps_fn, gamma_fn = setup.model.eps_fn(state.ema_params), setup.model.gamma_fn(state.ema_params)
   integrand = _diffusion_integrand(eps_fn, gamma_fn, config.model.vocab_size)
-  sources = data.load_sources(config)
   edges = np.linspace(0.0, 1.0, args.num_bins + 1)
-  splits = {name: _images(sources[name]) for name in ("train", "test")}
+  splits = runs.split_images(config)
   to_bpd = 1.0 / (np.prod(splits["test"].shape[1:]) * np.log(2.0))
   terms = {name: bin_terms(integrand, images, edges, args.repeats, jax.random.PRNGKey(i), to_bpd)
            for i, (name, images) in enumerate(splits.items())}

@@ -19,31 +19,19 @@ Printed, and appended as one JSON line to benchmarks/results/importance_time.jso
   python benchmarks/importance_time.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """
 import argparse
-import importlib
 import json
-import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
 
 import machine  # benchmarks/machine.py: a script's own folder is on sys.path
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import runs  # benchmarks/runs.py: it also puts the repository on sys.path
 
 from vdm_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vdm_jax import time_sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vdm_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vdm_jax.train import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-RESULTS = ROOT / "benchmarks" / "results" / "importance_time.jsonl"
-
-
-def _images(source, batch_size=512):
-  """Every image of a split, int32 [N, H, W, C]."""
-  return np.concatenate([b["image"] for b in data.eval_batches(source, batch_size=batch_size)])
+RESULTS = runs.ROOT / "benchmarks" / "results" / "importance_time.jsonl"
 
 
 def _one_sample_bounds(eps_fn, gamma_fn, vocab_size):
@@ -101,13 +89,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=64)
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
-  config = importlib.import_module(args.config.removesuffix(".py").replace("/", ".")).get_config()
-  setup, step, state = train.restore(config, args.workdir)
+  config, setup, step, state = runs.restore(args.config, args.workdir)
   params = state.ema_params
   m = setup.model
   bounds = _one_sample_bounds(m.eps_fn(params), m.gamma_fn(params), config.model.vocab_size)
-  sources = data.load_sources(config)
-  train_images, test_images = _images(sources["train"]), _images(sources["test"])
+  images = runs.split_images(config)
+  train_images, test_images = images["train"], images["test"]
   start = time.perf_counter()
   proposal = pilot_proposal(bounds, train_images, jax.random.PRNGKey(1), num_bins=args.num_bins,
                             passes=args.pilot_passes, uniform_weight=args.uniform_weight)

@@ -9,10 +9,8 @@ steps, and reports the wall time and the peak resident memory of the main.py pro
   python benchmarks/paper_start.py --config=configs/imagenet32.py
 """
 import argparse
-import importlib
 import json
 import os
-import pathlib
 import resource
 import subprocess
 import sys
@@ -22,8 +20,9 @@ import time
 import numpy as np
 
 import machine  # benchmarks/machine.py: a script's own folder is on sys.path
+import runs  # benchmarks/runs.py
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = runs.ROOT
 OVERRIDES = ("--config.training.batch_size=8", "--config.training.num_steps=2",
              "--config.training.log_every=1", "--config.training.checkpoint_every=2",
              "--config.eval.batch_size=8", "--config.eval.num_examples=8",
@@ -36,9 +35,7 @@ def main():
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_start.jsonl"))
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(args.config.removesuffix(".py").replace("/", "."))
-    image_shape = module.get_config().model.image_shape
+    image_shape = runs.load_config(args.config).model.image_shape
     data = os.path.join(tmp, "random.npz")
     rng = np.random.default_rng(0)
     np.savez(data, image=rng.integers(0, 256, (80, *image_shape), dtype=np.uint8))
