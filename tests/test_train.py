@@ -52,12 +52,16 @@ def test_weight_decay_mask_skips_biases_norm_scales_gamma_and_the_grid_prior():
   assert mask["grid_prior"] is False
 
 
-def test_learning_rate_warms_up_linearly_then_cosine_decays_to_zero():
+def test_learning_rate_warms_up_linearly_then_cosine_or_linearly_decays_to_zero():
   lr = step_lib.learning_rate_schedule(learning_rate=2e-3, warmup_steps=10, decay="cosine",
                                           decay_steps=110)
   np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 1e-3, 2e-3], rtol=1e-6)
   np.testing.assert_allclose(lr(60), 1e-3, rtol=1e-5)  # half way through the cosine
   np.testing.assert_allclose(lr(110), 0.0, atol=1e-9)
+  linear = step_lib.learning_rate_schedule(learning_rate=2e-3, warmup_steps=10, decay="linear",
+                                           decay_steps=110)
+  np.testing.assert_allclose([linear(5), linear(10), linear(35), linear(60), linear(110)],
+                             [1e-3, 2e-3, 1.5e-3, 1e-3, 0.0], rtol=1e-5, atol=1e-9)
   constant = step_lib.learning_rate_schedule(learning_rate=1e-3, warmup_steps=4)
   np.testing.assert_allclose([constant(2), constant(1000)], [5e-4, 1e-3], rtol=1e-6)
 

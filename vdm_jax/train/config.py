@@ -89,7 +89,7 @@ def _optimizer_section():
       eps=1e-8,
       weight_decay=0.01,
       warmup_steps=100,
-      decay="constant",        # constant | cosine (to 0 at training.num_steps)
+      decay="constant",        # constant | cosine | linear (to 0 at training.num_steps)
       grad_clip_norm=1.0,      # global-norm clipping; 0 disables it
       accumulation_steps=1,    # >1: optax.MultiSteps over that many batches
       ema_decay=0.9999,
@@ -191,8 +191,8 @@ def _validate_optimizer(config):
            f"optimizer.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
   _require(_numerics.is_int(o.accumulation_steps) and o.accumulation_steps >= 1,
            f"optimizer.accumulation_steps must be an integer >= 1, got {o.accumulation_steps!r}")
-  _require(o.decay in ("constant", "cosine"),
-           f"optimizer.decay must be 'constant' or 'cosine', got {o.decay!r}")
+  _require(o.decay in ("constant", "cosine", "linear"),
+           f"optimizer.decay must be 'constant', 'cosine' or 'linear', got {o.decay!r}")
   _check_sigma_rels("optimizer.power_ema_sigma_rels", o.power_ema_sigma_rels)
 
 

@@ -48,13 +48,17 @@ class TrainState:
 
 def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, decay: str = "constant",
                            decay_steps: int = 0) -> optax.Schedule:
-  """lr(n) = learning_rate * min(1, n / warmup_steps) [* cosine decay to 0 over decay_steps].
+  """lr(n) = learning_rate * min(1, n / warmup_steps), then constant or decayed to 0.
+
+  After the warm-up, with W = warmup_steps and D = decay_steps, "cosine" multiplies by
+  (1 + cos(pi (n - W) / (D - W))) / 2 and "linear" by 1 - (n - W) / (D - W); both reach 0
+  at n = D.
 
   Args:
     learning_rate: peak learning rate (> 0).
     warmup_steps: linear warm-up length in optimizer updates (>= 0).
-    decay: "constant" or "cosine".
-    decay_steps: total optimizer updates; the cosine reaches 0 there.
+    decay: "constant", "cosine" or "linear".
+    decay_steps: total optimizer updates; the decay reaches 0 there.
 
   Returns:
     optax schedule: update count -> learning rate.
@@ -66,7 +70,12 @@ def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, decay: st
   if decay == "cosine":
     return optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1))
-  raise ValueError(f"optimizer.decay must be 'constant' or 'cosine', got {decay!r}")
+  if decay == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+         optax.linear_schedule(learning_rate, 0.0, max(decay_steps - warmup_steps, 1))],
+        [warmup_steps])
+  raise ValueError(f"optimizer.decay must be 'constant', 'cosine' or 'linear', got {decay!r}")
 
 
 def weight_decay_mask(params: Params) -> Params:
