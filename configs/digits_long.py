@@ -1,4 +1,4 @@
-"""Digits in about 12 minutes on 2 CPU cores: an ensemble of two of configs/digits.py's networks.
+"""Digits in about 11 minutes on 2 CPU cores: an ensemble of two of configs/digits.py's networks.
 
 Same data, network (a 32-wide one-level FiLM U-Net: 2 down, 2 middle with attention, 3 up
 blocks, 250k parameters), schedule, Fourier features, grid skip and prior, time proposal,
@@ -10,19 +10,21 @@ their spread, and two networks that overfit the 1,500 training digits in differe
 disagree most on the test digits: the ensemble attacks the overfitting that limits
 digits.py (training bound 1.647 against 1.7125 on the test digits at seed 0).
 
-Measured on the project's 2-core machine on 2026-12-02, alone, seed 0 (whole command,
-/usr/bin/time; benchmarks/results/digits_sweep.jsonl):
-  * 6,000 steps (this config), evaluating every 3,000 steps as it did then: 1.7485 and
-    **1.6888 +- 0.017** test bits/dim at steps 3,000 and 6,000
-    ('bpd': 1.6887959557265362), 11 min 34 s, 2.3 GB peak, 10.3 to 10.4 steps/s (17:45 UTC;
-    the same figures as these settings given as overrides at 16:52). Seeds 1 and 2
-    (benchmarks/digits_sweep.py, side by side): 1.6831 and 1.6882; over seeds 0, 1, 2
-    **1.6867 +- 0.0031** (sd), each seed 0.024 to 0.034 below configs/digits.py's one
-    network at that seed (1.7125, 1.7172, 1.7136);
-  * evaluating every 1,000 steps (this config since 2026-12-03; about 14 s each), alone on
-    2026-12-03 at 06:58 UTC: 1.9677, 1.7911, 1.7486, 1.7165, 1.6944 and 1.6883 at steps
-    1,000 to 6,000 in 10 min 40 s (10.7 to 13.6 steps/s, a fast hour;
-    benchmarks/results/digits_long_eval_history.jsonl);
+This config (linear learning-rate decay to 0, inherited from configs/digits.py since
+2026-12-03), alone on an AMD EPYC machine of the project's kind, 2026-12-03 16:46 UTC,
+seed 0 (whole command, /usr/bin/time): 1.9677, 1.7864, 1.7456, 1.7195, 1.6986 and
+**1.6860 +- 0.017** test bits/dim at steps 1,000 to 6,000 ('bpd': 1.6860137512698312),
+10 min 40 s, 2.4 GB peak, 10.2 to 13.9 steps/s
+(benchmarks/results/digits_long_eval_history.jsonl). Seeds 1 and 2 not rerun.
+
+With the cosine decay (before 2026-12-03 09:00 UTC), seed 0 (benchmarks/results/
+digits_sweep.jsonl):
+  * 6,000 steps: **1.6888 +- 0.017** ('bpd': 1.6887959557265362; Intel Xeon, 2026-12-02
+    17:45 UTC, 11 min 34 s, 2.3 GB peak, 10.3 to 10.4 steps/s) and 1.6883 (AMD EPYC,
+    2026-12-03 06:58 UTC, evaluating every 1,000 steps, 10 min 40 s): the CPUs round
+    differently. Seeds 1 and 2 (benchmarks/digits_sweep.py, side by side): 1.6831 and
+    1.6882; over seeds 0, 1, 2 **1.6867 +- 0.0031** (sd), each seed 0.024 to 0.034 below
+    configs/digits.py's one network at that seed (1.7125, 1.7172, 1.7136);
   * 5,000 steps: 1.6954 in 11 min 8 s; 7,500 steps: 1.6844 in 14 min 56 s, too close to
     15 minutes to keep in an hour when the machine is slower;
   * three networks at batch 96 for 4,500 steps: 1.6943 in 17 min 25 s (5.6 steps/s).
