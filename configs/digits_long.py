@@ -15,7 +15,9 @@ This config (linear learning-rate decay to 0, inherited from configs/digits.py s
 seed 0 (whole command, /usr/bin/time): 1.9677, 1.7864, 1.7456, 1.7195, 1.6986 and
 **1.6860 +- 0.017** test bits/dim at steps 1,000 to 6,000 ('bpd': 1.6860137512698312),
 10 min 40 s, 2.4 GB peak, 10.2 to 13.9 steps/s
-(benchmarks/results/digits_long_eval_history.jsonl). Seeds 1 and 2 not rerun.
+(benchmarks/results/digits_long_eval_history.jsonl). Seeds 1 and 2 (benchmarks/
+digits_sweep.py, side by side): 1.6825 and 1.6819; over seeds 0, 1, 2 **1.6835 +- 0.0022**
+(sd), better on each seed than the cosine decay (1.6888, 1.6831, 1.6882).
 
 With the cosine decay (before 2026-12-03 09:00 UTC), seed 0 (benchmarks/results/
 digits_sweep.jsonl):
