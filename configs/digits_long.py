@@ -18,6 +18,7 @@ project's kind, 2026-12-03 17:30 UTC, seed 0 (whole command, /usr/bin/time): 1.9
 steps/s), 2.4 GB peak (benchmarks/results/digits_long_eval_history.jsonl). Seeds 1 and 2
 (benchmarks/digits_sweep.py, side by side): 1.6747 and 1.6732; over seeds 0, 1, 2
 **1.6759 +- 0.0035** (sd), better on each seed than 6,000 steps (by 0.0062 to 0.0087).
+10,000 steps (seed 0, alone, 2026-12-04 04:01 UTC) gave only 1.6756, in 14 min 20 s.
 
 For 6,000 steps (the config from 2026-12-03 09:00 to 23:40 UTC), seed 0 alone at 16:46 UTC:
 1.9677, 1.7864, 1.7456, 1.7195, 1.6986 and 1.6860 +- 0.017 at steps 1,000 to 6,000 in
