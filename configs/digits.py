@@ -56,7 +56,7 @@ each seed by 0.0115 to 0.0124 (benchmarks/digits_sweep.py, 2026-12-04): this con
 README's command printed 1.6973 after 4 min 15 s, alone on an AMD EPYC machine of the
 project's kind at 03:47 UTC (27.1 to 31.1 steps/s), and after 4 min 24 s at 03:42 UTC with
 evaluations at 2,250, 4,500 and 6,000 (24.3 to 31.0 steps/s); at the 19 to 23 steps/s of the
-machine's slower hours it would take about 5.5 minutes.
+machine's slower hours it would take about 5 to 6 minutes.
 An ensemble of two networks at batch 64 costs 2.1 times the step (71 against 33 ms, back to
 back): 3,000 of its steps, longer than this config's 6,000, gave 1.7242, and 3,500 1.7126
 (seed 0).
