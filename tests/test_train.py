@@ -1,4 +1,5 @@
 """Tests of the trainer: optimizer pieces, resume, eval/sample modes and fast failures."""
+import collections
 import glob
 import os
 
@@ -15,6 +16,7 @@ from vdm_jax import sampling
 from vdm_jax.train import checkpoints
 from vdm_jax.train import config as config_lib
 from vdm_jax.train import data
+from vdm_jax.train import loop
 from vdm_jax.train import setup as setup_lib
 from vdm_jax import train
 from vdm_jax.train import step as step_lib
@@ -344,6 +346,16 @@ def test_cpu_devices_once_jax_started_takes_only_the_count_it_has(monkeypatch):
   monkeypatch.setattr(setup_lib.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
   setup_lib.Setup(config)  # in-process use with a count it cannot have: a warning
   assert [w for w in warnings if f"cpu_devices={started + 1}, but this process has {started}" in w]
+
+
+def test_the_loop_waits_for_the_step_steps_in_flight_back(monkeypatch):
+  """At most loop.STEPS_IN_FLIGHT steps queued: the multi-CPU-device deadlock's bound."""
+  waited, in_flight = [], collections.deque()
+  monkeypatch.setattr(jax, "block_until_ready", waited.append)
+  for step in range(6):
+    loop._wait_for_older_steps(in_flight, {"step": step})  # pylint: disable=protected-access
+    assert [m["step"] for m in waited] == list(range(max(0, step + 1 - loop.STEPS_IN_FLIGHT)))
+  assert [m["step"] for m in in_flight] == list(range(6 - loop.STEPS_IN_FLIGHT, 6))
 
 
 def test_unwritable_workdir_fails_fast(tmp_path):
