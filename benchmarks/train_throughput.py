@@ -111,11 +111,18 @@ def _network(setup, params, batch_size):
 
 
 def _bare_rate(step, state, batch, steps):
-  """(newest state, steps/s) of the compiled step dispatched back to back `steps` times."""
+  """(newest state, steps/s) of the compiled step dispatched back to back `steps` times.
+
+  At most loop.STEPS_IN_FLIGHT steps are queued, as in the training loop.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from vdm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  in_flight = collections.deque()
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch)
+    loop.wait_for_older_steps(in_flight, metrics)  # as the training loop
   jax.block_until_ready(metrics)
   return state, steps / (time.perf_counter() - start)
 

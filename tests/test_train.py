@@ -353,7 +353,7 @@ def test_the_loop_waits_for_the_step_steps_in_flight_back(monkeypatch):
   waited, in_flight = [], collections.deque()
   monkeypatch.setattr(jax, "block_until_ready", waited.append)
   for step in range(6):
-    loop._wait_for_older_steps(in_flight, {"step": step})  # pylint: disable=protected-access
+    loop.wait_for_older_steps(in_flight, {"step": step})
     assert [m["step"] for m in waited] == list(range(max(0, step + 1 - loop.STEPS_IN_FLIGHT)))
   assert [m["step"] for m in in_flight] == list(range(6 - loop.STEPS_IN_FLIGHT, 6))
 

@@ -9,7 +9,7 @@ process takes part in the computation and in checkpointing.
 import collections
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -103,8 +103,14 @@ def _prefetch_to_device(setup, iterator, depth):
     yield queue.popleft()
 
 
-def _wait_for_older_steps(in_flight, step_metrics):
-  """Queues a dispatched step's metrics; waits for the oldest once over STEPS_IN_FLIGHT."""
+def wait_for_older_steps(in_flight: collections.deque, step_metrics: Any) -> None:
+  """Bounds the steps queued on the devices: call after dispatching each train step.
+
+  Appends the step's outputs (any pytree of device arrays, e.g. its metrics) to
+  `in_flight` and, once more than STEPS_IN_FLIGHT are there, waits for the oldest to
+  be computed. Loops that dispatch the train step back to back (this module's, the
+  throughput benchmark's) use it to stay clear of the CPU deadlock described above.
+  """
   in_flight.append(step_metrics)
   if len(in_flight) > STEPS_IN_FLIGHT:
     jax.block_until_ready(in_flight.popleft())
@@ -277,7 +283,7 @@ def _train(setup, sources, workdir, start_state, iterator, stores, writer):
   for step in range(start, t.num_steps):
     batch, data_state = next(batches)
     state, step_metrics = train_step(state, batch)
-    _wait_for_older_steps(in_flight, step_metrics)
+    wait_for_older_steps(in_flight, step_metrics)
     done = step + 1
     metrics.add(done, step_metrics)
     last = done == t.num_steps
