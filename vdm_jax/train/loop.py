@@ -32,7 +32,7 @@ PREFETCH_DEPTH = 2
 # Steps dispatched but not finished, at most. Without a bound the loop queues steps until
 # XLA's CPU client blocks it (32 programs per device), and with several CPU devices
 # (config.cpu_devices) that can deadlock: two digits runs with a DiT side by side on the
-# 2-core machine stopped within 2 minutes in 4 of 4 tries, one device waiting in an
+# 2-core machine stopped after 1 to 2 minutes in 4 of 4 tries, one device waiting in an
 # all-reduce for the other, whose launch of the same program waited for a free slot of
 # that 32-program limit (gdb, 2026-12-04); XLA then aborts ("Termination timeout for all
 # reduce ... of 40 seconds exceeded"). Bounded at 1 and at 2 steps, such pairs ran through.
