@@ -3,8 +3,9 @@
 The loop keeps the devices fed without running far ahead of them: the next batches
 are placed on the devices while the current step runs (a small prefetch queue), at
 most STEPS_IN_FLIGHT steps are queued at a time, and metrics, including the
-non-finite flags, are read back only at log, evaluation and checkpoint boundaries. Only process 0 writes metrics, images and plots; every
-process takes part in the computation and in checkpointing.
+non-finite flags, are read back only at log, evaluation and checkpoint boundaries.
+Only process 0 writes metrics, images and plots; every process takes part in the
+computation and in checkpointing.
 """
 import collections
 import os
