@@ -36,3 +36,12 @@ def alpha_ratio(gamma_from: ArrayLike, gamma_to: ArrayLike) -> jax.Array:
     the ratio alpha_to / alpha_from, the broadcast shape of the two.
   """
   return jnp.exp(0.5 * (jax.nn.softplus(gamma_from) - jax.nn.softplus(gamma_to)))
+
+
+def concrete_int_range(a: jax.Array) -> tuple[int, int] | tuple[None, None]:
+  """(min, max) of a concrete non-empty array as ints, computed in numpy so that it also
+  works for concrete arrays closed over inside jax.jit; (None, None) for tracers and empty."""
+  if isinstance(a, jax.core.Tracer) or a.size == 0:
+    return None, None
+  a = np.asarray(a)
+  return int(a.min()), int(a.max())

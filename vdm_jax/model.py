@@ -54,7 +54,9 @@ class ModelConfig:
   with_fourier_features: bool = True
   fourier_exponents: Tuple[float, ...] = (6, 7)  # n (2 pi 2^n); nets.layers.grid_fourier_exponents
   grid_skip: bool = False  # eps_hat = network + decoders.grid_noise_estimate (the V-level grid's)
-  grid_prior: bool = False  # grid_skip's prior is learned: params["grid_prior"] [H, W, C, V] logits
+  # unet/dit: the network outputs V logits per value (C * V channels), which join the prior's:
+  grid_logits: bool = False  # eps_hat = decoders.grid_noise_estimate under them (no skip)
+  grid_prior: bool = False  # a learned prior for either: params["grid_prior"] [H, W, C, V] logits
   dropout: float = 0.1
   channel_mult: Tuple[int, ...] = (1, 2, 2, 2)  # unet only
   attention_resolutions: Tuple[int, ...] = (16,)  # unet only
@@ -107,11 +109,14 @@ class ModelConfig:
     for name in ("dropout", "label_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         _fail(name, "a rate in [0, 1)", getattr(self, name))
-    for name in ("grid_skip", "grid_prior"):
+    for name in ("grid_skip", "grid_logits", "grid_prior"):
       if not isinstance(getattr(self, name), bool):
         _fail(name, "True or False", getattr(self, name))
-    if self.grid_prior and not self.grid_skip:
-      _fail("grid_prior", "False unless grid_skip=True (it is the grid skip's prior)", True)
+    if self.grid_prior and not (self.grid_skip or self.grid_logits):
+      _fail("grid_prior", "False unless grid_skip or grid_logits is True (their prior)", True)
+    if self.grid_logits and (self.grid_skip or self.network == "score_unet"):
+      _fail("grid_logits", "False with grid_skip=True or network='score_unet' (whose output "
+            "is z + conv_out, a noise estimate)", True)
     if self.variance_minimising and self.schedule != "learned_monotone":
       _fail("variance_minimising", "False unless schedule='learned_monotone'", True)
     if self.variance_minimising and self.num_steps != 0:
@@ -163,10 +168,12 @@ def _build_one_network(c):
                 num_classes=c.num_classes, dtype=DTYPES[c.dtype])
   if c.network == "score_unet":
     return nets.ScoreUNet(with_attention=c.with_attention, **common)
+  out_channels = c.image_shape[-1] * c.vocab_size if c.grid_logits else 0  # 0: those of z
   if c.network == "unet":
     return nets.UNet(channel_mult=c.channel_mult, attention_resolutions=c.attention_resolutions,
-                     **common)
-  return nets.DiT(patch_size=c.patch_size, num_heads=c.num_heads, **common)
+                     out_channels=out_channels, **common)
+  return nets.DiT(patch_size=c.patch_size, num_heads=c.num_heads, out_channels=out_channels,
+                  **common)
 
 
 def _build_schedule(c):
@@ -180,15 +187,6 @@ def _build_schedule(c):
   if c.schedule == "learned_nnet":
     return nets.LearnedNNet(**ends)
   return nets.LearnedMonotone(**ends)
-
-
-def _concrete_range(a):
-  """(min, max) of a concrete non-empty array, computed in numpy so that it also works
-  for concrete arrays closed over inside jax.jit; (None, None) for tracers."""
-  if isinstance(a, jax.core.Tracer) or a.size == 0:
-    return None, None
-  a = np.asarray(a)
-  return int(a.min()), int(a.max())
 
 
 class VDM:
@@ -213,7 +211,7 @@ class VDM:
                        f"(image_shape), given shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"x must hold integers in [0, {c.vocab_size}), given dtype {x.dtype}")
-    low, high = _concrete_range(x)
+    low, high = _numerics.concrete_int_range(x)
     if low is not None and (low < 0 or high >= c.vocab_size):
       raise ValueError(f"x values must lie in [0, vocab_size={c.vocab_size}), given "
                        f"min {low}, max {high}")
@@ -235,7 +233,7 @@ class VDM:
       raise ValueError(f"labels must be integers of shape ({batch},), given {labels.dtype} "
                        f"{tuple(labels.shape)}")
     top = n + 1 if allow_null else n
-    low, high = _concrete_range(labels)
+    low, high = _numerics.concrete_int_range(labels)
     if low is not None and (low < 0 or high >= top):
       raise ValueError(f"labels must lie in [0, {top}), given min {low}, max {high}")
     return labels
@@ -268,13 +266,15 @@ class VDM:
     return lambda t: self.schedule.apply(variables, t)
 
   def _net(self, params, z_t, gamma_t, labels, conditioning, train=False, key=None):
-    rngs = {"dropout": key} if train else None
-    eps_hat = self.network.apply({"params": params["score_model"]}, z_t, gamma_t, conditioning,
-                                 labels, train=train, rngs=rngs).astype(jnp.float32)
-    if self.config.grid_skip:
-      eps_hat = eps_hat + decoders.grid_noise_estimate(z_t, gamma_t, self.config.vocab_size,
-                                                       params.get("grid_prior"))
-    return eps_hat
+    c, rngs = self.config, {"dropout": key} if train else None
+    out = self.network.apply({"params": params["score_model"]}, z_t, gamma_t, conditioning,
+                             labels, train=train, rngs=rngs).astype(jnp.float32)
+    if c.grid_logits:  # out [B, H, W, C * V]: channel c's V logits at c * V, ..., c * V + V - 1
+      logits = out.reshape(*z_t.shape, c.vocab_size) + params.get("grid_prior", 0.0)
+      return decoders.grid_noise_estimate(z_t, gamma_t, c.vocab_size, logits)
+    if c.grid_skip:
+      out = out + decoders.grid_noise_estimate(z_t, gamma_t, c.vocab_size, params.get("grid_prior"))
+    return out
 
   def eps_fn(self, params: Params, *, labels: ArrayLike | None = None,
              guidance_weight: float | jax.Array = 0.0,

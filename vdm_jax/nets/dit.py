@@ -92,6 +92,8 @@ class DiT(nn.Module):
     dropout: MLP dropout (train=True).
     gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
     num_classes: 0 = no labels; else a label embedding with a null row.
+    out_channels: channels of the output; 0 = those of z (eps_hat). model.grid_logits asks
+      for C * V: V logits per value.
     dtype: compute dtype; parameters stay float32.
   """
   n_embd: int = 256
@@ -104,6 +106,7 @@ class DiT(nn.Module):
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   num_classes: int = 0
+  out_channels: int = 0
   dtype: Dtype = jnp.float32
 
   def _check(self, z):
@@ -119,8 +122,9 @@ class DiT(nn.Module):
                labels: ArrayLike | None = None, *, train: bool = False) -> jax.Array:
     """Predicts the noise; z [B, H, W, C], g_t scalar or [B] -> eps_hat [B, H, W, C] (float32).
 
-    conditioning (float [B] or None), labels (int [B] in [0, num_classes] or None) and train
-    (dropout) as in ScoreUNet.__call__, the call signature shared by vdm_jax.nets.
+    [B, H, W, out_channels] when out_channels > 0. conditioning (float [B] or None), labels
+    (int [B] in [0, num_classes] or None) and train (dropout) as in ScoreUNet.__call__, the
+    call signature shared by vdm_jax.nets.
     """
     layers.check_inputs(z, g_t, conditioning, labels, self.num_classes)
     self._check(z)
@@ -144,8 +148,9 @@ class DiT(nn.Module):
                                       name="final_adaLN")(cond), 2, axis=-1)
     h = nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=jnp.float32,
                      name="final_norm")(h)
-    h = nn.Dense(p * p * c, kernel_init=nn.initializers.zeros, dtype=jnp.float32,
+    out = self.out_channels or c
+    h = nn.Dense(p * p * out, kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                  name="final_out")(_modulate(h, shift, scale))
-    # Unpatchify: [B, gh*gw, p*p*C] -> [B, gh, p, gw, p, C] -> [B, H, W, C].
-    h = h.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return h.reshape(b, hgt, wid, c)
+    # Unpatchify: [B, gh*gw, p*p*out] -> [B, gh, p, gw, p, out] -> [B, H, W, out].
+    h = h.reshape(b, gh, gw, p, p, out).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(b, hgt, wid, out)

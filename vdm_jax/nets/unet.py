@@ -79,6 +79,8 @@ class UNet(nn.Module):
     dropout: dropout rate inside the blocks (train=True).
     gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
     num_classes: 0 = no labels; else a label embedding with a null row.
+    out_channels: channels of the output; 0 = those of z (eps_hat). model.grid_logits asks
+      for C * V: V logits per value.
     dtype: compute dtype; parameters stay float32.
   """
   n_embd: int = 128
@@ -91,6 +93,7 @@ class UNet(nn.Module):
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   num_classes: int = 0
+  out_channels: int = 0
   dtype: Dtype = jnp.float32
 
   def _check(self, z):
@@ -104,8 +107,9 @@ class UNet(nn.Module):
                labels: ArrayLike | None = None, *, train: bool = False) -> jax.Array:
     """Predicts the noise; z [B, H, W, C], g_t scalar or [B] -> eps_hat [B, H, W, C] (float32).
 
-    conditioning (float [B] or None), labels (int [B] in [0, num_classes] or None) and train
-    (dropout) as in ScoreUNet.__call__, the call signature shared by vdm_jax.nets.
+    [B, H, W, out_channels] when out_channels > 0. conditioning (float [B] or None), labels
+    (int [B] in [0, num_classes] or None) and train (dropout) as in ScoreUNet.__call__, the
+    call signature shared by vdm_jax.nets.
     """
     layers.check_inputs(z, g_t, conditioning, labels, self.num_classes)
     self._check(z)
@@ -147,5 +151,5 @@ class UNet(nn.Module):
         h = _upsample(h)
         res *= 2
     h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), dtype=jnp.float32, name="GroupNorm_0")(h))
-    return nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
+    return nn.Conv(self.out_channels or z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                    name="conv_out")(h)
