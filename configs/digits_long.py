@@ -1,7 +1,7 @@
 """Digits in about 14 minutes on 2 CPU cores: an ensemble of two of configs/digits.py's networks.
 
 Same data, network (a 32-wide one-level FiLM U-Net: 2 down, 2 middle with attention, 3 up
-blocks, 250k parameters), schedule, Fourier features, grid skip and prior, time proposal,
+blocks, 250k parameters), schedule, Fourier features, grid logits and prior, time proposal,
 learning rate, weight decay and evaluation as configs/digits.py, but the score network is
 an ensemble of two such networks (model.ensemble_size = 2, vdm_jax.nets.Ensemble): each
 trains on its own half of every batch of 64, so on 32 digits per step as in digits.py, and
@@ -10,7 +10,14 @@ their spread, and two networks that overfit the 1,500 training digits in differe
 disagree most on the test digits: the ensemble attacks the overfitting that limits
 digits.py (training bound 1.647 against 1.7125 on the test digits at seed 0).
 
-This config (linear learning-rate decay to 0, inherited from configs/digits.py since
+With model.grid_logits (inherited from configs/digits.py since 2026-12-04), seed 0 printed
+1.9174, 1.7753, 1.7282, 1.7027, 1.6811, 1.6655 and **1.6613 +- 0.017** at steps 1,000 to 7,000
+(main.py beside other runs, 18 min 21 s; benchmarks/results/digits_sweep.jsonl), against
+1.6798 with the grid skip below; with the members' noise estimates averaged instead of
+their logits, 1.66120 against 1.66128. Width 40 for 6,000 steps gave 1.6622 (alone, 12 min
+28 s): no better, and slower.
+
+With the grid skip, this config (linear learning-rate decay to 0, inherited from configs/digits.py since
 2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD EPYC machine of the
 project's kind, 2026-12-03 17:30 UTC, seed 0 (whole command, /usr/bin/time): 1.9676,
 1.7881, 1.7479, 1.7246, 1.7038, 1.6847 and **1.6798 +- 0.017** test bits/dim at steps

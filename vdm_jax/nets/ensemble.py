@@ -19,7 +19,11 @@ so the ensemble's bound is its members' mean bound less their spread (Krogh and 
 1995, "Neural network ensembles, cross validation, and active learning"). Members that
 overfit in different ways disagree most on unseen images, which is where this pays.
 The ensemble is one VDM: its test bits/dim is the same continuous-time bound, evaluated
-with the averaged noise prediction.
+with the averaged noise prediction. The mean is over the members' outputs, whatever they
+are: with model.grid_logits they are logits over the data levels, and their mean is a
+normalised product of the members' posteriors, not a mean of noise estimates (on the
+digits_long model of seed 0, averaging the members' noise estimates instead changed the
+test bound from 1.66128 to 1.66120 bits/dim).
 """
 import flax.linen as nn
 import jax
