@@ -18,8 +18,8 @@ gave 1.7799 at seed 0, and gamma_min -7 or -9 (not -8) 1.7785 and 1.7791.
 
 Until grid_logits (below), the network's output was added to the noise estimate of a
 per-pixel uniform prior on the 17 levels (model.grid_skip,
-vdm_jax.decoders.grid_noise_estimate): it snaps z_t to the grid by itself, so the network learns only how the pixels depend on each other. With the
-grid-aligned features it gave 1.7489 +- 0.0062 over seeds 0, 1, 2 (1.7554, 1.7431,
+vdm_jax.decoders.grid_noise_estimate): it snaps z_t to the grid by itself, so the network
+learns only how the pixels depend on each other. With the grid-aligned features it gave 1.7489 +- 0.0062 over seeds 0, 1, 2 (1.7554, 1.7431,
 1.7481), better on each seed by 0.017 to 0.032; the learned gamma_0 stays near -8, where
 the reconstruction term is small. With TIME_PROPOSAL re-estimated from that model (below),
 it gave 1.7399 +- 0.0008 (1.7408, 1.7392, 1.7397). The skip's prior is learned
@@ -72,8 +72,8 @@ back): 3,000 of its steps, longer than this config's 6,000, gave 1.7242, and 3,5
 The network is a 32-wide FiLM U-Net with one 8x8 level (2 down, 2 middle with attention,
 3 up blocks; about 250k parameters; its output conv gives 17 logits per pixel) at batch 32
 for 6,000 steps. Before the grid skip the digits sweep (benchmarks/digits_sweep.py,
-benchmarks/results/digits_sweep.jsonl) found one block per side (184k parameters) best at a 5-minute budget, and smaller batches with more
-steps won at equal wall time (one seed each, uniform times):
+benchmarks/results/digits_sweep.jsonl) found one block per side (184k parameters) best at
+a 5-minute budget, and smaller batches with more steps won at equal wall time (one seed each, uniform times):
 1.8052 at 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. The diffusion times
 come from TIME_PROPOSAL below (importance sampling), at learning rate 3e-3. Measured on
 the project's 2-core machine with the integer Fourier exponents (2, 3): 1.7818 +- 0.0008

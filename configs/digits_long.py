@@ -17,8 +17,8 @@ With model.grid_logits (inherited from configs/digits.py since 2026-12-04), seed
 their logits, 1.66120 against 1.66128. Width 40 for 6,000 steps gave 1.6622 (alone, 12 min
 28 s): no better, and slower.
 
-With the grid skip, this config (linear learning-rate decay to 0, inherited from configs/digits.py since
-2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD EPYC machine of the
+With the grid skip, this config (linear learning-rate decay to 0, inherited from
+configs/digits.py since 2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD EPYC machine of the
 project's kind, 2026-12-03 17:30 UTC, seed 0 (whole command, /usr/bin/time): 1.9676,
 1.7881, 1.7479, 1.7246, 1.7038, 1.6847 and **1.6798 +- 0.017** test bits/dim at steps
 1,000 to 7,000 ('bpd': 1.6797981940357394), 13 min 39 s in a slow hour (9.3 to 11.4
