@@ -19,21 +19,21 @@ gave 1.7799 at seed 0, and gamma_min -7 or -9 (not -8) 1.7785 and 1.7791.
 Until grid_logits (below), the network's output was added to the noise estimate of a
 per-pixel uniform prior on the 17 levels (model.grid_skip,
 vdm_jax.decoders.grid_noise_estimate): it snaps z_t to the grid by itself, so the network
-learns only how the pixels depend on each other. With the grid-aligned features it gave 1.7489 +- 0.0062 over seeds 0, 1, 2 (1.7554, 1.7431,
-1.7481), better on each seed by 0.017 to 0.032; the learned gamma_0 stays near -8, where
-the reconstruction term is small. With TIME_PROPOSAL re-estimated from that model (below),
-it gave 1.7399 +- 0.0008 (1.7408, 1.7392, 1.7397). The skip's prior is learned
-(model.grid_prior: per-pixel logits over the 17 levels, zero at init, 1,088 parameters):
-1.7368 +- 0.0023 (1.7386, 1.7377, 1.7342), better on each seed by 0.0015 to 0.0055 (the
-README's command at seed 0 printed 1.7386 after 7 min 11 s on 2026-12-02 05:13 UTC, alone
-in a slow hour). Two blocks per side for 4,500 steps instead of one for 6,000 (sweep runs
-beside another run: 415 to 483 s against 502 to 562 s) then gave 1.7298 +- 0.0010 (1.7300,
-1.7287, 1.7307), better on each seed by 0.0035 to 0.0090: this config. The README's command
-(seed 0) printed 1.7300 after 6 min 20 s on 2026-12-02 06:15 UTC, alone in a slow hour
-(10.8 to 16.4 steps/s). With the CPU split into two devices that share each batch
-(cpu_devices = 2, see vdm_jax.train.use_cpu_devices) it printed 1.7300 again (the
-device count changes only float rounding) after 4 min 43 s at 07:35 UTC, alone, at 19.5
-to 21.8 steps/s.
+learns only how the pixels depend on each other. With the grid-aligned features it gave
+1.7489 +- 0.0062 over seeds 0, 1, 2 (1.7554, 1.7431, 1.7481), better on each seed by 0.017
+to 0.032; the learned gamma_0 stays near -8, where the reconstruction term is small. With
+TIME_PROPOSAL re-estimated from that model (below), it gave 1.7399 +- 0.0008 (1.7408,
+1.7392, 1.7397). The skip's prior is learned (model.grid_prior: per-pixel logits over the 17
+levels, zero at init, 1,088 parameters): 1.7368 +- 0.0023 (1.7386, 1.7377, 1.7342), better
+on each seed by 0.0015 to 0.0055 (the README's command at seed 0 printed 1.7386 after 7 min
+11 s on 2026-12-02 05:13 UTC, alone in a slow hour). Two blocks per side for 4,500 steps
+instead of one for 6,000 (sweep runs beside another run: 415 to 483 s against 502 to 562 s)
+then gave 1.7298 +- 0.0010 (1.7300, 1.7287, 1.7307), better on each seed by 0.0035 to
+0.0090: this config. The README's command (seed 0) printed 1.7300 after 6 min 20 s on
+2026-12-02 06:15 UTC, alone in a slow hour (10.8 to 16.4 steps/s). With the CPU split into
+two devices that share each batch (cpu_devices = 2, see vdm_jax.train.use_cpu_devices) it
+printed 1.7300 again (the device count changes only float rounding) after 4 min 43 s at
+07:35 UTC, alone, at 19.5 to 21.8 steps/s.
 
 AdamW's decoupled weight decay (optax.adamw: every step w <- w - lr_t 0.5 w for the weight
 matrices and convolution kernels, not the biases, norms, schedule or grid prior:
@@ -69,23 +69,22 @@ An ensemble of two networks at batch 64 costs 2.1 times the step (71 against 33 
 back): 3,000 of its steps, longer than this config's 6,000, gave 1.7242, and 3,500 1.7126
 (seed 0).
 
-The network is a 32-wide FiLM U-Net with one 8x8 level (2 down, 2 middle with attention,
-3 up blocks; about 250k parameters; its output conv gives 17 logits per pixel) at batch 32
-for 6,000 steps. Before the grid skip the digits sweep (benchmarks/digits_sweep.py,
-benchmarks/results/digits_sweep.jsonl) found one block per side (184k parameters) best at
-a 5-minute budget, and smaller batches with more steps won at equal wall time (one seed each, uniform times):
-1.8052 at 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. The diffusion times
-come from TIME_PROPOSAL below (importance sampling), at learning rate 3e-3. Measured on
-the project's 2-core machine with the integer Fourier exponents (2, 3): 1.7818 +- 0.0008
-test bits/dim over seeds 0, 1 and 2, 4 min 40 s for the whole command at seed 0 (at 2e-3:
-1.7928 +- 0.0061; at 2e-3 with uniform times: 1.8126 +- 0.0130); the ScoreUNet 64 x 2
-blocks this config trained before gave 1.8906 +- 0.0059 in 2,000 x 32 steps and 6.3 to
-6.6 minutes. With the grid-aligned exponents: 1.7730 +- 0.0016; with the grid skip as
-well: 1.7489 +- 0.0062; with the re-estimated TIME_PROPOSAL: 1.7399 +- 0.0008; with the
-learned grid prior as well: 1.7368 +- 0.0023; with two blocks per side for 4,500 steps:
-1.7298 +- 0.0010; with weight decay 0.5: 1.7144 +- 0.0025; with the linear decay:
-1.7106 +- 0.0029; for 6,000 steps: 1.6987 +- 0.0030; with grid_logits (this config):
-1.6875 +- 0.0060.
+The network is a 32-wide FiLM U-Net with one 8x8 level (2 down, 2 middle with attention, 3
+up blocks; about 250k parameters; its output conv gives 17 logits per pixel) at batch 32 for
+6,000 steps. Before the grid skip the digits sweep (benchmarks/digits_sweep.py,
+benchmarks/results/digits_sweep.jsonl) found one block per side (184k parameters) best at a
+5-minute budget, and smaller batches with more steps won at equal wall time (one seed each,
+uniform times): 1.8052 at 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. The
+diffusion times come from TIME_PROPOSAL below (importance sampling), at learning rate 3e-3.
+Measured on the project's 2-core machine with the integer Fourier exponents (2, 3): 1.7818
++- 0.0008 test bits/dim over seeds 0, 1 and 2, 4 min 40 s for the whole command at seed 0
+(at 2e-3: 1.7928 +- 0.0061; at 2e-3 with uniform times: 1.8126 +- 0.0130); the ScoreUNet 64
+x 2 blocks this config trained before gave 1.8906 +- 0.0059 in 2,000 x 32 steps and 6.3 to
+6.6 minutes. With the grid-aligned exponents: 1.7730 +- 0.0016; with the grid skip as well:
+1.7489 +- 0.0062; with the re-estimated TIME_PROPOSAL: 1.7399 +- 0.0008; with the learned
+grid prior as well: 1.7368 +- 0.0023; with two blocks per side for 4,500 steps: 1.7298 +-
+0.0010; with weight decay 0.5: 1.7144 +- 0.0025; with the linear decay: 1.7106 +- 0.0029;
+for 6,000 steps: 1.6987 +- 0.0030; with grid_logits (this config): 1.6875 +- 0.0060.
 
   python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """

@@ -18,13 +18,13 @@ their logits, 1.66120 against 1.66128. Width 40 for 6,000 steps gave 1.6622 (alo
 28 s): no better, and slower.
 
 With the grid skip, this config (linear learning-rate decay to 0, inherited from
-configs/digits.py since 2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD EPYC machine of the
-project's kind, 2026-12-03 17:30 UTC, seed 0 (whole command, /usr/bin/time): 1.9676,
-1.7881, 1.7479, 1.7246, 1.7038, 1.6847 and **1.6798 +- 0.017** test bits/dim at steps
-1,000 to 7,000 ('bpd': 1.6797981940357394), 13 min 39 s in a slow hour (9.3 to 11.4
-steps/s), 2.4 GB peak (benchmarks/results/digits_long_eval_history.jsonl). Seeds 1 and 2
-(benchmarks/digits_sweep.py, side by side): 1.6747 and 1.6732; over seeds 0, 1, 2
-**1.6759 +- 0.0035** (sd), better on each seed than 6,000 steps (by 0.0062 to 0.0087).
+configs/digits.py since 2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD
+EPYC machine of the project's kind, 2026-12-03 17:30 UTC, seed 0 (whole command,
+/usr/bin/time): 1.9676, 1.7881, 1.7479, 1.7246, 1.7038, 1.6847 and **1.6798 +- 0.017** test
+bits/dim at steps 1,000 to 7,000 ('bpd': 1.6797981940357394), 13 min 39 s in a slow hour
+(9.3 to 11.4 steps/s), 2.4 GB peak (benchmarks/results/digits_long_eval_history.jsonl).
+Seeds 1 and 2 (benchmarks/digits_sweep.py, side by side): 1.6747 and 1.6732; over seeds 0,
+1, 2 **1.6759 +- 0.0035** (sd), better on each seed than 6,000 steps (by 0.0062 to 0.0087).
 10,000 steps (seed 0, alone, 2026-12-04 04:01 UTC) gave only 1.6756, in 14 min 20 s.
 
 For 6,000 steps (the config from 2026-12-03 09:00 to 23:40 UTC), seed 0 alone at 16:46 UTC:
