@@ -54,7 +54,7 @@ def _random_params(model, rng):
     ("fourier_exponents", (-1, 3), "fourier_exponents"),
     ("fourier_exponents", (17.5,), "fourier_exponents"), ("grid_skip", 1, "grid_skip"),
     ("grid_prior", 1, "grid_prior"), ("grid_prior", True, "grid_prior.*grid_skip"),
-    ("grid_logits", 1, "grid_logits"), ("grid_logits", True, "grid_logits.*score_unet"),
+    ("grid_logits", 1, "grid_logits"),
     ("time_proposal", (0.5, 0.6), "time_proposal"), ("time_proposal", (0.0, 1.0), "time_proposal"),
 ])
 def test_invalid_config_raises_naming_the_field_and_the_value(field, value, words):
@@ -156,25 +156,26 @@ def test_grid_prior_is_a_learned_per_pixel_prior_of_the_grid_skip():
 
 
 @pytest.mark.parametrize("network, extra", [
-    ("unet", dict(channel_mult=(1,), attention_resolutions=())),
+    ("score_unet", {}), ("unet", dict(channel_mult=(1,), attention_resolutions=())),
     ("dit", dict(patch_size=2, num_heads=2)),
 ])
 def test_grid_logits_are_the_networks_per_value_logits_over_the_grid(network, extra):
-  # Zero output layer at init: eps_hat is the grid estimate under the prior alone, as with
-  # grid_skip. Output bias logits of +40 on level v_c for channel c (channel-major: c * V + v)
+  # Zero output layer at init: eps_hat is the grid estimate under the prior alone (the
+  # score_unet does not add z back). Output bias logits of +40 on level v_c for channel c (channel-major: c * V + v)
   # make E[x | z] = enc(v_c) at gamma = 2 (alpha / sigma^2 |z| enc spread << 40), so
   # eps_hat = (z - alpha enc(v_c)) / sigma, channel by channel.
   rng = np.random.default_rng(1624)
   kw = dict(network=network, vocab_size=17, grid_prior=True, **extra)
-  logits_model, skip = _model(grid_logits=True, **kw), _model(grid_skip=True, **kw)
+  logits_model = _model(grid_logits=True, **kw)
   x = rng.integers(0, 17, (2, 8, 8, 3)).astype(np.int32)
   z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   gamma = jnp.asarray([-7.0, 2.0])
   params = logits_model.init(jax.random.PRNGKey(3), x)
-  np.testing.assert_array_equal(logits_model.eps_fn(params)(z, gamma), skip.eps_fn(
-      {**params, "score_model": skip.init(jax.random.PRNGKey(3), x)["score_model"]})(z, gamma))
+  np.testing.assert_allclose(logits_model.eps_fn(params)(z, gamma),
+                             decoders.grid_noise_estimate(z, gamma, 17, params["grid_prior"]),
+                             rtol=1e-6, atol=1e-6)
   levels = np.array([3, 16, 0])
-  out = "conv_out" if network == "unet" else "final_out"
+  out = "final_out" if network == "dit" else "conv_out"
   bias = np.zeros(params["score_model"][out]["bias"].shape, np.float32).reshape(-1, 3 * 17)
   bias[:, np.arange(3) * 17 + levels] = 40.0
   params["score_model"][out]["bias"] = jnp.asarray(bias.ravel())

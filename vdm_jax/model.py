@@ -54,7 +54,7 @@ class ModelConfig:
   with_fourier_features: bool = True
   fourier_exponents: Tuple[float, ...] = (6, 7)  # n (2 pi 2^n); nets.layers.grid_fourier_exponents
   grid_skip: bool = False  # eps_hat = network + decoders.grid_noise_estimate (the V-level grid's)
-  # unet/dit: the network outputs V logits per value (C * V channels), which join the prior's:
+  # The network outputs V logits per value (C * V channels), which join the prior's:
   grid_logits: bool = False  # eps_hat = decoders.grid_noise_estimate under them (no skip)
   grid_prior: bool = False  # a learned prior for either: params["grid_prior"] [H, W, C, V] logits
   dropout: float = 0.1
@@ -114,9 +114,8 @@ class ModelConfig:
         _fail(name, "True or False", getattr(self, name))
     if self.grid_prior and not (self.grid_skip or self.grid_logits):
       _fail("grid_prior", "False unless grid_skip or grid_logits is True (their prior)", True)
-    if self.grid_logits and (self.grid_skip or self.network == "score_unet"):
-      _fail("grid_logits", "False with grid_skip=True or network='score_unet' (whose output "
-            "is z + conv_out, a noise estimate)", True)
+    if self.grid_logits and self.grid_skip:
+      _fail("grid_logits", "False with grid_skip=True (two readouts of one output)", True)
     if self.variance_minimising and self.schedule != "learned_monotone":
       _fail("variance_minimising", "False unless schedule='learned_monotone'", True)
     if self.variance_minimising and self.num_steps != 0:
@@ -166,14 +165,13 @@ def _build_one_network(c):
                 fourier_exponents=c.fourier_exponents,
                 dropout=c.dropout, gamma_min=c.gamma_min, gamma_max=c.gamma_max,
                 num_classes=c.num_classes, dtype=DTYPES[c.dtype])
+  common["out_channels"] = c.image_shape[-1] * c.vocab_size if c.grid_logits else 0
   if c.network == "score_unet":
     return nets.ScoreUNet(with_attention=c.with_attention, **common)
-  out_channels = c.image_shape[-1] * c.vocab_size if c.grid_logits else 0  # 0: those of z
   if c.network == "unet":
     return nets.UNet(channel_mult=c.channel_mult, attention_resolutions=c.attention_resolutions,
-                     out_channels=out_channels, **common)
-  return nets.DiT(patch_size=c.patch_size, num_heads=c.num_heads, out_channels=out_channels,
-                  **common)
+                     **common)
+  return nets.DiT(patch_size=c.patch_size, num_heads=c.num_heads, **common)
 
 
 def _build_schedule(c):

@@ -4,7 +4,8 @@ A U-Net without resolution changes: conv_in -> n_layer ResNet blocks (each
 optionally followed by attention) -> middle (block, attention, block) ->
 n_layer + 1 up blocks fed with skip connections -> GroupNorm -> swish ->
 conv_out. It predicts eps with the input added back ("base measure"):
-eps_hat = z + conv_out(...). Kingma et al. 2021, appendix B.
+eps_hat = z + conv_out(...). Kingma et al. 2021, appendix B. With out_channels > 0 it
+returns conv_out(...) alone (model.grid_logits: logits, not a noise estimate).
 """
 from typing import Tuple
 
@@ -31,6 +32,8 @@ class ScoreUNet(nn.Module):
     dropout: dropout rate inside the ResNet blocks (active with train=True).
     gamma_min, gamma_max: range used to normalise gamma_t for the embedding.
     num_classes: 0 = no labels; else a label embedding with a null row.
+    out_channels: 0 = eps_hat = z + conv_out (the reference); else conv_out alone with
+      that many channels (model.grid_logits asks for C * V: V logits per value).
     dtype: compute dtype; parameters stay float32.
   """
   n_embd: int = 128
@@ -42,6 +45,7 @@ class ScoreUNet(nn.Module):
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   num_classes: int = 0
+  out_channels: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -88,6 +92,6 @@ class ScoreUNet(nn.Module):
       if self.with_attention:
         h = attn(f"up.attn_{i}")(h)
     h = nn.swish(nn.GroupNorm(layers.NUM_GROUPS, dtype=jnp.float32, name="GroupNorm_0")(h))
-    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
-                  name="conv_out")(h)
-    return z + out
+    out = nn.Conv(self.out_channels or z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros,
+                  dtype=jnp.float32, name="conv_out")(h)
+    return out if self.out_channels else z + out
