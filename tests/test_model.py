@@ -161,9 +161,9 @@ def test_grid_prior_is_a_learned_per_pixel_prior_of_the_grid_skip():
 ])
 def test_grid_logits_are_the_networks_per_value_logits_over_the_grid(network, extra):
   # Zero output layer at init: eps_hat is the grid estimate under the prior alone (the
-  # score_unet does not add z back). Output bias logits of +40 on level v_c for channel c (channel-major: c * V + v)
-  # make E[x | z] = enc(v_c) at gamma = 2 (alpha / sigma^2 |z| enc spread << 40), so
-  # eps_hat = (z - alpha enc(v_c)) / sigma, channel by channel.
+  # score_unet does not add z back). Output bias logits of +40 on level v_c for channel c
+  # (channel-major: c * V + v) make E[x | z] = enc(v_c) at gamma = 2 (alpha / sigma^2 |z|
+  # enc spread << 40), so eps_hat = (z - alpha enc(v_c)) / sigma, channel by channel.
   rng = np.random.default_rng(1624)
   kw = dict(network=network, vocab_size=17, grid_prior=True, **extra)
   logits_model = _model(grid_logits=True, **kw)

@@ -151,5 +151,5 @@ class UNet(nn.Module):
         h = _upsample(h)
         res *= 2
     h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), dtype=jnp.float32, name="GroupNorm_0")(h))
-    return nn.Conv(self.out_channels or z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=jnp.float32,
-                   name="conv_out")(h)
+    return nn.Conv(self.out_channels or z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros,
+                   dtype=jnp.float32, name="conv_out")(h)
