@@ -2,11 +2,11 @@ r"""The digits recipe sweep: test bits/dim of configs/digits.py variants at a st
 
 Each run trains configs/digits.py with the given overrides in a fresh subprocess
 (train_and_evaluate, evaluation only at the end: K = eval.num_time_samples time samples
-per test digit, EMA parameters) and records the test bits/dim with its standard error,
-the training wall time and steps/s, and the seed. Runs append JSON lines to
-benchmarks/results/digits_sweep.jsonl; --table prints a markdown table of every setting
-found there: the mean +- sd over its seeds, or, for a setting run with one seed, that
-run's evaluation standard error.
+per test digit, EMA parameters) and records the test bits/dim with its standard error and
+its three terms (prior, reconstruction, diffusion), the training wall time and steps/s,
+and the seed. Runs append JSON lines to benchmarks/results/digits_sweep.jsonl; --table
+prints a markdown table of every setting found there: the mean +- sd over its seeds, or,
+for a setting run with one seed, that run's evaluation standard error.
 
   python benchmarks/digits_sweep.py --name=base --seeds=0,1,2
   python benchmarks/digits_sweep.py --name=wide --seeds=0 model.n_embd=96 training.batch_size=64
@@ -60,7 +60,9 @@ def run_one(overrides, seed):
     metrics = train.train_and_evaluate(config, workdir, on_metrics=lambda step, m: (
         rates.append(m["train/steps_per_sec"]) if "train/steps_per_sec" in m else None))
     wall = time.perf_counter() - start
-  return {"bpd": round(metrics["bpd"], 4), "bpd_stderr": round(metrics["bpd_stderr"], 4),
+  terms = {f"bpd_{term}": round(metrics[f"bpd_{term}"], 5)
+           for term in ("prior", "reconstruction", "diffusion")}
+  return {"bpd": round(metrics["bpd"], 4), "bpd_stderr": round(metrics["bpd_stderr"], 4), **terms,
           "wall_s": round(wall, 1),
           "steps_per_s": round(sorted(rates)[len(rates) // 2], 2) if rates else None,
           "num_steps": config.training.num_steps, "batch_size": config.training.batch_size}
