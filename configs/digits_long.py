@@ -20,7 +20,10 @@ project's kind in 12 min 2 s (2026-12-04 11:20 UTC, 10.1 to 13.7 steps/s, 2.5 GB
 0, 1, 2 **1.6583 +- 0.0031** (sd), better on each seed than the grid skip's 1.6798, 1.6747
 and 1.6732 (by 0.0162 to 0.0185), and 0.008 above the 1.65 we aim for. With the members'
 noise estimates averaged instead of their logits, seed 0 gave 1.66120 against 1.66128. Width
-40 for 6,000 steps gave 1.6622 (alone, 12 min 28 s): no better, and slower.
+40 for 6,000 steps gave 1.6622 (alone, 12 min 28 s): no better, and slower. Weight decay 0.7
+gave 1.6579, 1.6632 and 1.6503 at seeds 0, 1, 2 (1.6571 +- 0.0065): a tie with 0.5. Members
+with a second, 4x4 level (model.channel_mult = (1, 2), 1.55 times the step) for 4,500 steps
+gave 1.6621 at seed 0 (README's sweep table for the rest of 2026-12-04).
 
 With the grid skip, this config (linear learning-rate decay to 0, inherited from
 configs/digits.py since 2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD
