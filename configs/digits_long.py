@@ -1,29 +1,42 @@
-"""Digits in 12 to 14 minutes on 2 CPU cores: an ensemble of two of configs/digits.py's networks.
+"""Digits in about 12 to 14 minutes on 2 CPU cores: an ensemble of two two-level U-Nets.
 
-Same data, network (a 32-wide one-level FiLM U-Net: 2 down, 2 middle with attention, 3 up
-blocks, 250k parameters), schedule, Fourier features, grid logits and prior, time proposal,
-learning rate, weight decay and evaluation as configs/digits.py, but the score network is an
-ensemble of two such networks (model.ensemble_size = 2, vdm_jax.nets.Ensemble): each trains
-on its own half of every batch of 64, so on 32 digits per step as in digits.py, and the
-prediction is the mean of their logits. For a mean of noise estimates the bound is the
-members' mean bound less their spread (about the same here: below), and two networks that
-overfit the 1,500 training digits in different ways disagree most on the test digits: the
-ensemble attacks the overfitting that limits digits.py (training bound 1.647 against 1.7125
-on the test digits at seed 0).
+Same data, schedule, Fourier features, grid logits and prior, time proposal, learning rate,
+weight decay and evaluation as configs/digits.py, but the score network is an ensemble of two
+networks (model.ensemble_size = 2, vdm_jax.nets.Ensemble), each a 24-wide FiLM U-Net with a
+second, 4x4 level (model.channel_mult = (1, 2); attention only in the middle, 540k
+parameters, 1.08M in all). Each member trains on its own half of every batch of 64, so on 32
+digits per step as in digits.py, and the prediction is the mean of their logits. For a mean
+of noise estimates the bound is the members' mean bound less their spread, and two networks
+that overfit the 1,500 training digits in different ways disagree most on the test digits:
+the ensemble attacks the overfitting that limits digits.py (training bound 1.647 against
+1.7125 on the test digits at seed 0). The second level is the one large gain for a single
+network (1.6756 against 1.6905 at seed 0) but costs 1.55 times the step; at width 32 it and
+the ensemble did not add up in this time, at width 24 they do.
 
-With model.grid_logits (inherited from configs/digits.py since 2026-12-04), this config at
-seed 0 printed 1.9174, 1.7753, 1.7282, 1.7027, 1.6811, 1.6655 and **1.6613 +- 0.017** at
-steps 1,000 to 7,000 ('bpd': 1.661282567322761), alone on an AMD EPYC machine of the
-project's kind in 12 min 2 s (2026-12-04 11:20 UTC, 10.1 to 13.7 steps/s, 2.5 GB peak)
-(benchmarks/results/digits_long_eval_history.jsonl). Seeds 1 and 2
-(benchmarks/digits_sweep.py, side by side, 11:00-11:18 UTC): 1.6585 and 1.6552; over seeds
-0, 1, 2 **1.6583 +- 0.0031** (sd), better on each seed than the grid skip's 1.6798, 1.6747
-and 1.6732 (by 0.0162 to 0.0185), and 0.008 above the 1.65 we aim for. With the members'
-noise estimates averaged instead of their logits, seed 0 gave 1.66120 against 1.66128. Width
-40 for 6,000 steps gave 1.6622 (alone, 12 min 28 s): no better, and slower. Weight decay 0.7
-gave 1.6579, 1.6632 and 1.6503 at seeds 0, 1, 2 (1.6571 +- 0.0065): a tie with 0.5. Members
-with a second, 4x4 level (model.channel_mult = (1, 2), 1.55 times the step) for 4,500 steps
-gave 1.6621 at seed 0 (README's sweep table for the rest of 2026-12-04).
+This config at seed 0 printed 1.8618, 1.7362, 1.6953, 1.6670 and **1.6489 +- 0.017** test
+bits/dim at steps 1,300 to 6,500 ('bpd': 1.648921200215962), alone on an AMD EPYC machine of
+the project's kind in 12 min 32 s (whole command, /usr/bin/time; 2026-12-04 15:50 UTC, 9.4
+to 11.1 steps/s, 3.1 GB peak) (benchmarks/results/digits_long_eval_history.jsonl). Seeds 1
+and 2 (benchmarks/digits_sweep.py) gave 1.6520 and 1.6414: over seeds 0, 1, 2 **1.6474 +-
+0.0055** (sd), better on each seed than the 32-wide one-level members below (1.6613, 1.6585,
+1.6552; by 0.0065 to 0.0138); the sweep's seed-0 run beside another job also ended at
+1.6489. 7,000 steps of the earlier members took 12 min 2 s in one hour and 13 min 39 s in a
+slow one (1.13 times as long): in such an hour this config would take about 14 minutes.
+
+Until 2026-12-04 15:50 UTC the members were configs/digits.py's 32-wide one-level networks
+(250k parameters each) for 7,000 steps, evaluating every 1,000. With model.grid_logits
+(inherited from configs/digits.py since 2026-12-04), that config at seed 0 printed 1.9174,
+1.7753, 1.7282, 1.7027, 1.6811, 1.6655 and **1.6613 +- 0.017** at steps 1,000 to 7,000 ('bpd':
+1.661282567322761), alone on an AMD EPYC machine of the project's kind in 12 min 2 s
+(2026-12-04 11:20 UTC, 10.1 to 13.7 steps/s, 2.5 GB peak). Seeds 1 and 2
+(benchmarks/digits_sweep.py, side by side, 11:00-11:18 UTC): 1.6585 and 1.6552; over seeds 0,
+1, 2 **1.6583 +- 0.0031** (sd), better on each seed than the grid skip's 1.6798, 1.6747 and
+1.6732 (by 0.0162 to 0.0185), and 0.008 above the 1.65 we aim for. With the members' noise
+estimates averaged instead of their logits, seed 0 gave 1.66120 against 1.66128. Width 40 for
+6,000 steps gave 1.6622 (alone, 12 min 28 s): no better, and slower. Weight decay 0.7 gave
+1.6579, 1.6632 and 1.6503 at seeds 0, 1, 2 (1.6571 +- 0.0065): a tie with 0.5. Members with a
+second, 4x4 level (model.channel_mult = (1, 2), 1.55 times the step) for 4,500 steps gave
+1.6621 at seed 0 (README's sweep table for the rest of 2026-12-04).
 
 With the grid skip, this config (linear learning-rate decay to 0, inherited from
 configs/digits.py since 2026-12-03; 7,000 steps since 2026-12-03 23:40 UTC), alone on an AMD
@@ -69,7 +82,9 @@ def get_config():
   config = digits.get_config()
   config.model.ensemble_size = 2  # two networks; each trains on every other digit of a batch
   config.training.batch_size = 64  # 32 digits per network per step, as in configs/digits.py
-  config.training.num_steps = 7000
-  config.training.eval_every = 1000  # seven points on the learning curve (about 14 s each)
-  config.training.checkpoint_every = 3500
+  config.model.n_embd = 24  # narrower members ...
+  config.model.channel_mult = (1, 2)  # ... with a second, 4x4 level (attention stays middle-only)
+  config.training.num_steps = 6500
+  config.training.eval_every = 1300  # five points on the learning curve (about 14 s each)
+  config.training.checkpoint_every = 3250
   return config
