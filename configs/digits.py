@@ -60,18 +60,29 @@ machine's slower hours it would take about 5 to 6 minutes.
 The network's output as 17 logits per pixel instead of a noise estimate (model.grid_logits:
 they join the learned prior's logits, and eps_hat is the grid's noise estimate under the
 sum, vdm_jax.decoders.grid_noise_estimate) then gave 1.6875 +- 0.0060 over seeds 0, 1, 2
-(1.6905, 1.6914, 1.6805), better on each seed by 0.0068 to 0.0162 (2026-12-04): this
-config. Given all of z_t, a pixel's posterior is its own Gaussian likelihood
+(1.6905, 1.6914, 1.6805), better on each seed by 0.0068 to 0.0162 (2026-12-04; the config
+until 16:40 UTC). Given all of z_t, a pixel's posterior is its own Gaussian likelihood
 N(z_i; alpha_t x_i, sigma_t^2) times p(x_i | the other pixels' z), so the network has only
 that smooth second factor to learn, never the snapping to the grid. TIME_PROPOSAL
 re-estimated from this model (seed 0) gave 1.6955 and 1.6883 at seeds 0 and 1: kept.
 An ensemble of two networks at batch 64 costs 2.1 times the step (71 against 33 ms, back to
-back): 3,000 of its steps, longer than this config's 6,000, gave 1.7242, and 3,500 1.7126
+back): 3,000 of its steps, longer than that config's 6,000, gave 1.7242, and 3,500 1.7126
 (seed 0).
+A 24-wide network with a second, 4x4 level (model.channel_mult = (1, 2): 24 channels at 8x8,
+48 at 4x4, attention only in the middle; 541k parameters against 255k) for 4,500 steps then
+gave 1.6785 +- 0.0107 over seeds 0, 1, 2 (1.6816, 1.6873, 1.6665), better on each seed by
+0.0041 to 0.0140 in about the same time: its step takes 1.35 times as long (21.0 against
+28.3 steps/s, 1,000 steps each, alone, 2026-12-04 16:11 UTC). This config. The README's
+command printed 1.6816 after 4 min 30 s alone at 16:36 UTC (17.2 to 22.4 steps/s); the
+32-wide one-level config printed 1.6905 after 4 min 31 s alone at 16:06 UTC (24.5 to 28.4
+steps/s). 4,000 steps gave 1.6860 +- 0.0103 (1.6871, 1.6957, 1.6752), a tie with the
+one-level network's 6,000. At width 32 the second level costs 1.55 times the step and gave
+1.6886 and 1.6964 at seeds 0, 1 in 4,000 steps: narrower levels are what make it pay.
 
-The network is a 32-wide FiLM U-Net with one 8x8 level (2 down, 2 middle with attention, 3
-up blocks; about 250k parameters; its output conv gives 17 logits per pixel) at batch 32 for
-6,000 steps. Before the grid skip the digits sweep (benchmarks/digits_sweep.py,
+The network is a 24-wide FiLM U-Net with two levels (8x8 at 24 channels, 4x4 at 48; per
+level 2 down and 3 up blocks, 2 middle blocks at 4x4 with attention between; 541k
+parameters; its output conv gives 17 logits per pixel) at batch 32 for 4,500 steps. Before
+the grid skip the digits sweep (benchmarks/digits_sweep.py,
 benchmarks/results/digits_sweep.jsonl) found one block per side (184k parameters) best at a
 5-minute budget, and smaller batches with more steps won at equal wall time (one seed each,
 uniform times): 1.8052 at 6,000 x 32, 1.8235 at 3,500 x 64, 1.8556 at 2,000 x 128. The
@@ -84,7 +95,8 @@ x 2 blocks this config trained before gave 1.8906 +- 0.0059 in 2,000 x 32 steps 
 1.7489 +- 0.0062; with the re-estimated TIME_PROPOSAL: 1.7399 +- 0.0008; with the learned
 grid prior as well: 1.7368 +- 0.0023; with two blocks per side for 4,500 steps: 1.7298 +-
 0.0010; with weight decay 0.5: 1.7144 +- 0.0025; with the linear decay: 1.7106 +- 0.0029;
-for 6,000 steps: 1.6987 +- 0.0030; with grid_logits (this config): 1.6875 +- 0.0060.
+for 6,000 steps: 1.6987 +- 0.0030; with grid_logits: 1.6875 +- 0.0060; 24 wide with a
+second level for 4,500 steps (this config): 1.6785 +- 0.0107.
 
   python main.py --config=configs/digits.py --workdir=/tmp/vdm_digits
 """
@@ -113,9 +125,9 @@ def get_config():
   config.model.vocab_size = 17
   config.model.image_shape = (8, 8, 1)
   config.model.network = "unet"
-  config.model.n_embd = 32
-  config.model.n_layer = 2  # 2 down, 2 middle (attention between), 3 up FiLM blocks
-  config.model.channel_mult = (1,)  # one 8x8 level
+  config.model.n_embd = 24
+  config.model.n_layer = 2  # per level 2 down and 3 up FiLM blocks; 2 middle, attention between
+  config.model.channel_mult = (1, 2)  # 24 channels at 8x8, 48 at 4x4
   config.model.attention_resolutions = ()  # attention only in the middle
   config.model.dropout = 0.0
   config.model.with_fourier_features = True
@@ -131,10 +143,10 @@ def get_config():
   config.optimizer.weight_decay = 0.5  # AdamW's decoupled decay of the kernels (see above)
   config.optimizer.ema_decay = 0.998
   config.training.batch_size = 32
-  config.training.num_steps = 6000  # 4,500: 1.7106 +- 0.0029 over the same seeds
+  config.training.num_steps = 4500  # 4,000: 1.6860 +- 0.0103 over the same seeds
   config.training.log_every = 500
-  config.training.eval_every = 3000
-  config.training.checkpoint_every = 3000
+  config.training.eval_every = 2250
+  config.training.checkpoint_every = 2250
   config.eval.batch_size = 128
   config.eval.num_time_samples = 16  # K = 1 gives a standard error of about 0.1 bits/dim here
   config.sample.num_steps = 200
